@@ -1,0 +1,668 @@
+"""VQCodebookTransformer: a vector quantiser whose code book learns by EMA."""
+
+import warnings
+from contextlib import contextmanager
+from numbers import Integral, Real
+
+import numpy as np
+from scipy import sparse
+from sklearn import get_config
+from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
+from sklearn.utils import check_array, check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import (
+    _check_feature_names_in,
+    _check_sample_weight,
+    check_is_fitted,
+    validate_data,
+)
+
+from ._kernels import code_statistics, ema_update, init_codebook, weighted_mean
+from ._search import _CodebookIndex
+
+# "auto" uses the k-d tree up to this many features (see the Performance page).
+_AUTO_KD_TREE_MAX_FEATURES = 4
+# Smallest relative decrease of the smoothed loss that counts as improvement.
+_IMPROVEMENT_RTOL = 1e-9
+
+
+class VQCodebookTransformer(TransformerMixin, BaseEstimator):
+    """Vector quantiser whose code book is learned by exponential moving averages.
+
+    The transformer learns ``n_codes`` code vectors, one minibatch at a time,
+    with the exponential-moving-average (EMA) rule of VQ-VAE tokenisers, and
+    maps each sample to its nearest code vector (its *code*).  With
+    ``ema_momentum`` ``m``, for every code ``k`` and the set ``S_k`` of batch
+    samples whose nearest code is ``k``::
+
+        n_k <- m * n_k + (1 - m) * sum(w_i for i in S_k)
+        s_k <- m * s_k + (1 - m) * sum(w_i * x_i for i in S_k)
+        c_k <- s_k / n_k
+
+    starting from ``n_k = 1`` and ``s_k = c_k`` at initialisation.  Because old
+    batches are forgotten geometrically, the code book follows data streams
+    that drift, which :class:`~sklearn.cluster.MiniBatchKMeans` cannot do.
+
+    Read more in the :ref:`User Guide <user_guide>`.
+
+    Parameters
+    ----------
+    n_codes : int, default=256
+        Number of code vectors ``K`` in the code book.
+
+    ema_momentum : float, default=0.99
+        Momentum ``m`` in ``[0, 1)`` of the EMA statistics.  Larger values
+        remember more batches; ``0`` makes each step a k-means (Lloyd) step on
+        the batch.
+
+    commitment_weight : float, default=0.25
+        Weight ``beta >= 0`` of the VQ-VAE commitment term reported in
+        ``commitment_loss_``.  It does not change the code book.
+
+    init : {"k-means++", "random"} or array-like of shape (n_codes, n_features), \
+            default="k-means++"
+        How the code book is initialised from the first data seen.
+
+        - ``"k-means++"``: greedy weighted k-means++ seeding.
+        - ``"random"``: distinct samples drawn with probability proportional
+          to their weight.
+        - array: the initial code vectors themselves.
+
+        Both strategies draw from the distinct rows of positive weight in a
+        canonical order, so the result depends only on the weighted empirical
+        distribution (and on ``random_state``).  ``fit`` draws from at most
+        ``max(3 * batch_size, 3 * n_codes)`` rows.
+
+    encode : {"index", "onehot", "onehot-dense", "distance"}, default="index"
+        What :meth:`transform` returns.
+
+        - ``"index"``: the integer code of each sample, shape
+          ``(n_samples, 1)``.
+        - ``"onehot"``: a SciPy sparse CSR matrix of shape
+          ``(n_samples, n_codes)`` with one ``1`` per row (a sparse array when
+          scikit-learn's ``sparse_interface`` is ``"sparray"``).
+        - ``"onehot-dense"``: the same as a dense array.
+        - ``"distance"``: Euclidean distances to every code vector, shape
+          ``(n_samples, n_codes)``.
+
+        One-hot and distance outputs have the float dtype of ``X``.
+
+    algorithm : {"auto", "kd_tree", "brute"}, default="auto"
+        Nearest-code search.  Every backend returns the exact nearest code
+        (the one a direct float64 computation returns; ties go to the lowest
+        index).
+
+        - ``"kd_tree"``: :class:`scipy.spatial.cKDTree`, rebuilt after each
+          update.
+        - ``"brute"``: blocked BLAS products, with a rigorous error bound and
+          an exact re-check of near ties.
+        - ``"auto"``: ``"kd_tree"`` when ``n_features <= 4``, else ``"brute"``.
+
+    batch_size : int, default=1024
+        Number of samples per EMA step in :meth:`fit`.
+
+    max_iter : int, default=100
+        Maximum number of passes over the data in :meth:`fit`.
+
+    tol : float, default=0.0
+        Early stopping of :meth:`fit` when the mean squared movement of the
+        code vectors in one step, divided by the mean feature variance of
+        ``X``, is at most ``tol``.  ``0`` disables this criterion.
+
+    max_no_improvement : int or None, default=10
+        Early stopping of :meth:`fit` after this many consecutive steps
+        without improvement of the smoothed batch loss.  ``None`` disables
+        this criterion.
+
+    n_jobs : int, default=None
+        Number of threads for the nearest-code search.  ``None`` means 1
+        unless in a :obj:`joblib.parallel_backend` context; ``-1`` uses all
+        processors.  Results do not depend on it.
+
+    random_state : int, RandomState instance or None, default=None
+        Determines the initialisation and the shuffling of minibatches.  Pass
+        an int for reproducible results.  See :term:`Glossary <random_state>`.
+
+    verbose : int, default=0
+        Verbosity: ``1`` prints one line per pass of :meth:`fit`.
+
+    Attributes
+    ----------
+    codebook_ : ndarray of shape (n_codes, n_features)
+        The code vectors, in the float dtype of the data they were initialised
+        from (float32 stays float32).  Equal to
+        ``ema_sum_ / ema_counts_[:, None]`` cast to that dtype.
+
+    ema_counts_ : ndarray of shape (n_codes,)
+        EMA usage counts ``n_k``, float64.
+
+    ema_sum_ : ndarray of shape (n_codes, n_features)
+        EMA running sums ``s_k``, float64.
+
+    n_steps_ : int
+        Number of EMA updates applied since the code book was initialised.
+
+    n_iter_ : int
+        Number of passes over the data made by the last :meth:`fit`.
+
+    commitment_loss_ : float
+        ``commitment_weight`` times the weighted mean squared distance between
+        the samples of the last batch and their codes, measured with the code
+        book that assigned them (the VQ-VAE commitment term).
+
+    n_features_in_ : int
+        Number of features seen during :term:`fit`.
+
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
+        Names of features seen during :term:`fit`. Defined only when `X`
+        has feature names that are all strings.
+
+    See Also
+    --------
+    sklearn.cluster.MiniBatchKMeans : Minibatch k-means, which averages over
+        all the data ever seen instead of forgetting.
+    sklearn.preprocessing.KBinsDiscretizer : Bins each feature separately.
+    scipy.cluster.vq.vq : Assigns codes from a given code book.
+
+    Notes
+    -----
+    Statistics are kept in float64 whatever the data dtype.  A code that
+    receives no weight in a step keeps its vector exactly while its count
+    decays; counts are never allowed to underflow to zero.
+
+    When the first data contain fewer distinct rows than ``n_codes``, every
+    distinct row becomes a code and the remaining codes repeat rows, with a
+    warning.  Equal code vectors are searched once: a sample always gets the
+    lowest of their indices.
+
+    Input of dtype float16, integer or boolean is converted to float64.
+
+    :meth:`fit` and :meth:`partial_fit` either succeed or leave the estimator
+    exactly as it was.
+
+    References
+    ----------
+    .. [1] A. van den Oord, O. Vinyals and K. Kavukcuoglu, "Neural Discrete
+       Representation Learning", NeurIPS 2017 (appendix A.1, EMA updates).
+    .. [2] A. Razavi, A. van den Oord and O. Vinyals, "Generating Diverse
+       High-Fidelity Images with VQ-VAE-2", NeurIPS 2019.
+    .. [3] D. Arthur and S. Vassilvitskii, "k-means++: the advantages of
+       careful seeding", SODA 2007.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skvq import VQCodebookTransformer
+    >>> X = np.array([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.1, 5.0]])
+    >>> vq = VQCodebookTransformer(n_codes=2, ema_momentum=0.5, random_state=0)
+    >>> vq.fit(X).predict([[0.0, 0.2], [4.8, 5.1]]).tolist()
+    [1, 0]
+    >>> vq.codebook_.round(3)
+    array([[5.05, 5.  ],
+           [0.05, 0.  ]])
+    >>> vq.n_iter_  # passes until 10 passes brought no improvement
+    25
+    >>> vq.set_params(encode="onehot-dense").transform([[5.0, 4.9]])
+    array([[1., 0.]])
+    >>> vq.inverse_transform([[0.0, 1.0]])
+    array([[0.05, 0.  ]])
+    """
+
+    _parameter_constraints: dict = {
+        "n_codes": [Interval(Integral, 1, None, closed="left")],
+        "ema_momentum": [Interval(Real, 0, 1, closed="left")],
+        "commitment_weight": [Interval(Real, 0, None, closed="left")],
+        "init": [StrOptions({"k-means++", "random"}), "array-like"],
+        "encode": [StrOptions({"index", "onehot", "onehot-dense", "distance"})],
+        "algorithm": [StrOptions({"auto", "kd_tree", "brute"})],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "tol": [Interval(Real, 0, None, closed="left")],
+        "max_no_improvement": [Interval(Integral, 1, None, closed="left"), None],
+        "n_jobs": [Integral, None],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+    }
+
+    def __init__(
+        self,
+        n_codes=256,
+        *,
+        ema_momentum=0.99,
+        commitment_weight=0.25,
+        init="k-means++",
+        encode="index",
+        algorithm="auto",
+        batch_size=1024,
+        max_iter=100,
+        tol=0.0,
+        max_no_improvement=10,
+        n_jobs=None,
+        random_state=None,
+        verbose=0,
+    ):
+        self.n_codes = n_codes
+        self.ema_momentum = ema_momentum
+        self.commitment_weight = commitment_weight
+        self.init = init
+        self.encode = encode
+        self.algorithm = algorithm
+        self.batch_size = batch_size
+        self.max_iter = max_iter
+        self.tol = tol
+        self.max_no_improvement = max_no_improvement
+        self.n_jobs = n_jobs
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ fit
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None, sample_weight=None):
+        """Learn the code book from scratch, in minibatch EMA steps.
+
+        Discards any previous state, initialises the code book from ``X``,
+        then makes up to ``max_iter`` passes over ``X`` in minibatches of
+        ``batch_size`` rows (shuffled when ``X`` has more rows than
+        ``batch_size``), one EMA step per minibatch.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training data.
+
+        y : Ignored
+            Not used, present here for API consistency by convention.
+
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weights of the samples; ``None`` weights all equally.
+
+        Returns
+        -------
+        self : object
+            Fitted estimator.
+        """
+        with self._unchanged_on_error():
+            X, sample_weight = self._validate_batch(X, sample_weight, reset=True)
+            rng = check_random_state(self.random_state)
+            self._initialize(X, sample_weight, rng)
+            self._fit_passes(X, sample_weight, rng)
+        return self
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X, y=None, sample_weight=None):
+        """Apply one EMA step on a batch (initialising the code book first).
+
+        The first call initialises the code book from ``X`` (or from ``init``
+        when it is an array) and then applies one step to that same batch.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            The batch.
+
+        y : Ignored
+            Not used, present here for API consistency by convention.
+
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weights of the samples; ``None`` weights all equally.
+
+        Returns
+        -------
+        self : object
+            Updated estimator.
+        """
+        with self._unchanged_on_error():
+            first = not hasattr(self, "codebook_")
+            X, sample_weight = self._validate_batch(X, sample_weight, reset=first)
+            if first:
+                self._initialize(
+                    X, sample_weight, check_random_state(self.random_state)
+                )
+            self._step(X, sample_weight)
+        return self
+
+    @contextmanager
+    def _unchanged_on_error(self):
+        # Every update below replaces arrays instead of writing into them, so
+        # a shallow copy of the attributes is enough to roll back.
+        saved = dict(self.__dict__)
+        try:
+            yield
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            raise
+
+    def _validate_batch(self, X, sample_weight, *, reset):
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=reset)
+        sample_weight = _check_sample_weight(
+            sample_weight, X, dtype=np.float64, ensure_non_negative=True
+        )
+        return X, sample_weight
+
+    def _initial_codebook(self, X, sample_weight, rng):
+        if not isinstance(self.init, str):
+            init = check_array(self.init, dtype=np.float64, input_name="init")
+            expected = (self.n_codes, X.shape[1])
+            if init.shape != expected:
+                raise ValueError(
+                    f"The init array has shape {init.shape}, but "
+                    f"(n_codes, n_features) = {expected} was expected."
+                )
+            return init
+        init_size = max(3 * self.batch_size, 3 * self.n_codes)
+        if X.shape[0] > init_size:
+            rows = rng.choice(X.shape[0], size=init_size, replace=False)
+            X, sample_weight = X[rows], sample_weight[rows]
+        codebook, n_distinct = init_codebook(
+            X, sample_weight, self.n_codes, self.init, rng
+        )
+        if n_distinct < self.n_codes:
+            warnings.warn(
+                f"Only {n_distinct} distinct samples of positive weight were "
+                f"available to initialise n_codes={self.n_codes} codes; the code "
+                "book repeats some of them.",
+                UserWarning,
+                stacklevel=3,
+            )
+        return codebook
+
+    def _initialize(self, X, sample_weight, rng):
+        self.codebook_ = self._initial_codebook(X, sample_weight, rng).astype(X.dtype)
+        self.ema_counts_ = np.ones(self.n_codes)
+        self.ema_sum_ = self.codebook_.astype(np.float64)
+        self.n_steps_ = 0
+        self._index = self._build_index(self.codebook_)
+
+    def _build_index(self, codebook):
+        algorithm = self.algorithm
+        if algorithm == "auto":
+            small = codebook.shape[1] <= _AUTO_KD_TREE_MAX_FEATURES
+            algorithm = "kd_tree" if small else "brute"
+        return _CodebookIndex(codebook, algorithm)
+
+    def _step(self, X, sample_weight):
+        """One EMA step on a validated batch; returns the batch loss."""
+        labels, sq_dist = self._index.nearest(
+            X, n_jobs=self.n_jobs, return_sq_dist=True
+        )
+        loss = weighted_mean(sq_dist, sample_weight)
+        batch_counts, batch_sums = code_statistics(
+            X, labels, sample_weight, self.n_codes
+        )
+        counts, sums, codebook = ema_update(
+            self.ema_counts_,
+            self.ema_sum_,
+            self.codebook_,
+            batch_counts,
+            batch_sums,
+            self.ema_momentum,
+        )
+        index = self._build_index(codebook)
+        self.ema_counts_, self.ema_sum_, self.codebook_ = counts, sums, codebook
+        self._index = index
+        self.n_steps_ += 1
+        self.commitment_loss_ = self.commitment_weight * loss
+        return loss
+
+    def _fit_passes(self, X, sample_weight, rng):
+        n_samples = X.shape[0]
+        batch_size = min(self.batch_size, n_samples)
+        stopper = _EarlyStopping(self, X, sample_weight)
+        for n_pass in range(1, self.max_iter + 1):
+            start_codebook = self.codebook_
+            order = rng.permutation(n_samples) if n_samples > batch_size else None
+            pass_loss = 0.0
+            for start in range(0, n_samples, batch_size):
+                rows = slice(start, start + batch_size)
+                if order is not None:
+                    rows = order[rows]
+                batch_weight = sample_weight[rows]
+                pass_loss += self._step(X[rows], batch_weight) * batch_weight.sum()
+            pass_loss /= sample_weight.sum()
+            shift = np.mean((self.codebook_ - start_codebook).astype(np.float64) ** 2)
+            stop = stopper.should_stop(pass_loss, shift)
+            if self.verbose:
+                print(
+                    f"Pass {n_pass}: {self.n_steps_} steps, mean loss {pass_loss:.6g}"
+                )
+            if stop:
+                if self.verbose:
+                    print(f"Stopped after pass {n_pass}: {stopper.reason}.")
+                break
+        self.n_iter_ = n_pass
+
+    # ------------------------------------------------------------ inference
+    def _validated_query(self, X):
+        check_is_fitted(self)
+        return validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+
+    def predict(self, X):
+        """Code (index of the nearest code vector) of each sample.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Data to encode.
+
+        Returns
+        -------
+        codes : ndarray of shape (n_samples,), dtype=int64
+            Index into ``codebook_`` of the nearest code vector.
+        """
+        X = self._validated_query(X)
+        return self._index.nearest(X, n_jobs=self.n_jobs)[0].astype(
+            np.int64, copy=False
+        )
+
+    def transform(self, X):
+        """Encode each sample by its nearest code, as chosen by ``encode``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Data to encode.
+
+        Returns
+        -------
+        Xt : {ndarray, sparse matrix} of shape (n_samples, 1) or (n_samples, n_codes)
+            Codes (``"index"``), one-hot codes (``"onehot"``,
+            ``"onehot-dense"``) or distances to every code (``"distance"``).
+        """
+        X = self._validated_query(X)
+        if self.encode == "distance":
+            return self._index.distances(X, n_jobs=self.n_jobs)
+        codes = self._index.nearest(X, n_jobs=self.n_jobs)[0]
+        if self.encode == "index":
+            return codes.astype(np.int64, copy=False)[:, None]
+        n_samples = X.shape[0]
+        onehot = sparse.csr_matrix(
+            (np.ones(n_samples, dtype=X.dtype), codes, np.arange(n_samples + 1)),
+            shape=(n_samples, self.n_codes),
+        )
+        if self.encode == "onehot-dense":
+            return onehot.toarray()
+        if get_config().get("sparse_interface", "spmatrix") == "sparray":
+            return sparse.csr_array(onehot)
+        return onehot
+
+    def inverse_transform(self, X):
+        """Decode: the code vector of each encoded sample.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_samples, 1) or \
+                (n_samples, n_codes)
+            Output of :meth:`transform` with the current ``encode``: codes for
+            ``"index"`` (a 1-D array of codes, as from :meth:`predict`, is
+            also accepted), one-hot rows, or distances (decoded to the nearest
+            code).
+
+        Returns
+        -------
+        X_decoded : ndarray of shape (n_samples, n_features)
+            Rows of ``codebook_``.
+        """
+        check_is_fitted(self)
+        return self.codebook_[self._decode(X)]
+
+    def _decode(self, X):
+        if self.encode == "index":
+            return self._checked_codes(X)
+        X = check_array(
+            X,
+            accept_sparse="csr",
+            dtype="numeric",
+            input_name="X",
+            ensure_min_samples=0,
+        )
+        if X.shape[1] != self.n_codes:
+            raise ValueError(
+                f"X has {X.shape[1]} columns, but encode={self.encode!r} output has "
+                f"n_codes={self.n_codes} columns."
+            )
+        if self.encode == "distance":
+            return np.argmin(X, axis=1)
+        return self._checked_onehot(X)
+
+    def _checked_codes(self, X):
+        codes = check_array(
+            X, dtype="numeric", ensure_2d=False, input_name="X", ensure_min_samples=0
+        )
+        if codes.ndim == 2 and codes.shape[1] == 1:
+            codes = codes[:, 0]
+        if codes.ndim != 1:
+            raise ValueError(
+                f"Expected codes of shape (n_samples, 1) or (n_samples,) for "
+                f"encode='index', got shape {codes.shape}."
+            )
+        if codes.dtype.kind == "f" and not np.array_equal(codes, np.round(codes)):
+            raise ValueError("Codes must be integers; got non-integer values.")
+        if codes.size and (codes.min() < 0 or codes.max() >= self.n_codes):
+            raise ValueError(
+                f"Codes must lie in [0, n_codes={self.n_codes}); got values from "
+                f"{codes.min()} to {codes.max()}."
+            )
+        return codes.astype(np.intp)
+
+    def _checked_onehot(self, X):
+        if sparse.issparse(X):
+            X = sparse.csr_matrix(X, copy=True)
+            X.eliminate_zeros()
+            valid = np.all(np.diff(X.indptr) == 1) and np.all(X.data == 1)
+            codes = X.indices if valid else None
+        else:
+            nonzero = X != 0
+            codes = np.argmax(nonzero, axis=1)
+            valid = np.all(nonzero.sum(axis=1) == 1) and np.all(
+                X[np.arange(X.shape[0]), codes] == 1
+            )
+        if not valid:
+            raise ValueError(
+                "One-hot codes must have exactly one entry equal to 1 in each row "
+                "and zeros elsewhere."
+            )
+        return np.asarray(codes, dtype=np.intp)
+
+    def score(self, X, y=None, sample_weight=None):
+        """Minus the weighted mean squared distance of X to its nearest codes.
+
+        Higher is better, as :class:`~sklearn.model_selection.GridSearchCV`
+        expects.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Data to score.
+
+        y : Ignored
+            Not used, present here for API consistency by convention.
+
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weights of the samples; ``None`` weights all equally.
+
+        Returns
+        -------
+        score : float
+            ``-sum(w_i * ||x_i - c(x_i)||^2) / sum(w_i)``.
+        """
+        X = self._validated_query(X)
+        sample_weight = _check_sample_weight(
+            sample_weight, X, dtype=np.float64, ensure_non_negative=True
+        )
+        _, sq_dist = self._index.nearest(X, n_jobs=self.n_jobs, return_sq_dist=True)
+        return -weighted_mean(sq_dist, sample_weight)
+
+    def get_feature_names_out(self, input_features=None):
+        """Names of the output columns of :meth:`transform`.
+
+        Parameters
+        ----------
+        input_features : array-like of str or None, default=None
+            Only checked against the names seen in :meth:`fit`.
+
+        Returns
+        -------
+        feature_names_out : ndarray of str objects
+            ``["vqcodebooktransformer_code"]`` for ``encode="index"``;
+            ``"vqcodebooktransformer_code{k}"`` (one-hot) or
+            ``"vqcodebooktransformer_distance{k}"`` for k in ``range(n_codes)``.
+        """
+        check_is_fitted(self)
+        _check_feature_names_in(self, input_features, generate_names=False)
+        prefix = self.__class__.__name__.lower()
+        if self.encode == "index":
+            return np.asarray([f"{prefix}_code"], dtype=object)
+        kind = "distance" if self.encode == "distance" else "code"
+        return np.asarray(
+            [f"{prefix}_{kind}{k}" for k in range(self.n_codes)], dtype=object
+        )
+
+    # ------------------------------------------------------- persistence etc.
+    def __getstate__(self):
+        state = dict(super().__getstate__())  # may be the live __dict__
+        state.pop("_index", None)  # rebuilt on load: no SciPy object persisted
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "codebook_" in self.__dict__:
+            self._index = self._build_index(self.codebook_)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        if self.encode == "index":
+            tags.transformer_tags.preserves_dtype = []
+        else:
+            tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        return tags
+
+
+class _EarlyStopping:
+    """Early-stopping rule of ``fit``, fed the mean loss and shift of each pass."""
+
+    def __init__(self, estimator, X, sample_weight):
+        self.max_no_improvement = estimator.max_no_improvement
+        self.tol = 0.0
+        if estimator.tol > 0:
+            mean = np.average(X, axis=0, weights=sample_weight)
+            var = np.average((X - mean) ** 2, axis=0, weights=sample_weight)
+            self.tol = estimator.tol * float(np.mean(var))
+        self.best_loss = np.inf
+        self.n_no_improvement = 0
+        self.reason = ""
+
+    def should_stop(self, loss, shift):
+        if loss < self.best_loss * (1.0 - _IMPROVEMENT_RTOL):
+            self.best_loss = loss
+            self.n_no_improvement = 0
+        else:
+            self.n_no_improvement += 1
+        if self.tol > 0 and shift <= self.tol:
+            self.reason = f"the code book moved less than tol ({shift:.3g})"
+        elif (
+            self.max_no_improvement is not None
+            and self.n_no_improvement >= self.max_no_improvement
+        ):
+            self.reason = f"no improvement in {self.n_no_improvement} passes"
+        return bool(self.reason)

@@ -1,0 +1,162 @@
+"""Numeric kernels of the EMA code book: initialisation, statistics, update.
+
+Every function here assumes that its inputs were validated by the estimator:
+finite float arrays of consistent shapes, non-negative sample weights with a
+positive sum, and a NumPy ``RandomState`` for the random draws.  They never
+modify their inputs.
+"""
+
+import numpy as np
+from scipy import sparse
+
+# A code whose EMA count falls below this value (after about 35,000 unused
+# steps at momentum 0.99, or one at momentum 0) has its count and sum rescaled
+# together, so that the count never underflows to 0 and the vector is kept.
+COUNT_FLOOR = float(np.sqrt(np.finfo(np.float64).tiny))
+
+
+def canonical_sample(X, sample_weight):
+    """Collapse duplicate rows and drop zero weights, in lexicographic order.
+
+    The result depends only on the weighted empirical distribution of
+    ``(X, sample_weight)``: not on row order, not on whether a row is repeated
+    ``r`` times or weighted ``r``, not on rows of weight zero.
+
+    Returns
+    -------
+    points : ndarray of shape (n_distinct, n_features), float64
+    weights : ndarray of shape (n_distinct,), float64
+    """
+    keep = sample_weight > 0
+    points, inverse = np.unique(X[keep].astype(np.float64), axis=0, return_inverse=True)
+    weights = np.bincount(
+        inverse.reshape(-1), weights=sample_weight[keep], minlength=points.shape[0]
+    )
+    return points, weights
+
+
+def weighted_draw(weights, size, rng):
+    """Draw ``size`` indices with probability proportional to ``weights``."""
+    cumulative = np.cumsum(weights)
+    targets = rng.uniform(size=size) * cumulative[-1]
+    idx = np.searchsorted(cumulative, targets, side="right")
+    return np.minimum(idx, weights.shape[0] - 1)
+
+
+def kmeans_plusplus(points, weights, n_codes, rng):
+    """Greedy weighted k-means++ seeding on distinct points.
+
+    Each new seed is the best, by weighted potential, of ``2 + log(n_codes)``
+    candidates drawn with probability proportional to weight times squared
+    distance to the seeds so far.  Stops early when every point is a seed.
+
+    Returns
+    -------
+    seeds : ndarray of shape (n_seeds,), dtype=intp
+        Indices into ``points``, ``n_seeds = min(n_codes, n_points)``.
+    """
+    n_points = points.shape[0]
+    n_seeds = min(n_codes, n_points)
+    n_trials = 2 + int(np.log(n_codes))
+    center = points.mean(axis=0)
+    centred = points - center
+    sq_norms = np.einsum("ij,ij->i", centred, centred)
+
+    def sq_dist(idx):
+        cand = centred[idx]
+        d = sq_norms[None, :] - 2.0 * (cand @ centred.T)
+        d += sq_norms[idx][:, None]
+        np.maximum(d, 0.0, out=d)
+        d[np.arange(idx.shape[0]), idx] = 0.0
+        return d
+
+    seeds = np.empty(n_seeds, dtype=np.intp)
+    seeds[0] = weighted_draw(weights, 1, rng)[0]
+    closest = sq_dist(seeds[:1])[0]
+    for c in range(1, n_seeds):
+        potential = weights * closest
+        candidates = weighted_draw(potential, n_trials, rng)
+        dist = np.minimum(sq_dist(candidates), closest[None, :])
+        best = np.argmin(dist @ weights)
+        seeds[c] = candidates[best]
+        closest = dist[best]
+    return seeds
+
+
+def random_seeds(points, weights, n_codes, rng):
+    """``min(n_codes, n_points)`` distinct points drawn with probability ~ weight."""
+    n_seeds = min(n_codes, points.shape[0])
+    return rng.choice(
+        points.shape[0], size=n_seeds, replace=False, p=weights / weights.sum()
+    )
+
+
+def init_codebook(X, sample_weight, n_codes, method, rng):
+    """Initial code vectors drawn from ``X`` by ``method``.
+
+    When ``X`` has fewer distinct rows (of positive weight) than ``n_codes``,
+    every distinct row becomes a code and the remaining codes repeat rows drawn
+    with probability proportional to their weight.
+
+    Returns
+    -------
+    codebook : ndarray of shape (n_codes, n_features), float64
+    n_distinct : int
+        Number of distinct rows of positive weight in ``X``.
+    """
+    points, weights = canonical_sample(X, sample_weight)
+    seeding = kmeans_plusplus if method == "k-means++" else random_seeds
+    seeds = seeding(points, weights, n_codes, rng)
+    if seeds.shape[0] < n_codes:
+        extra = weighted_draw(weights, n_codes - seeds.shape[0], rng)
+        seeds = np.concatenate([seeds, extra])
+    return points[seeds], points.shape[0]
+
+
+def code_statistics(X, labels, sample_weight, n_codes):
+    """Per-code weighted counts and sums of a batch, in float64.
+
+    Returns
+    -------
+    counts : ndarray of shape (n_codes,)
+        ``sum of w_i over the rows assigned to each code``.
+    sums : ndarray of shape (n_codes, n_features)
+        ``sum of w_i x_i over the rows assigned to each code``.
+    """
+    n_samples = X.shape[0]
+    counts = np.bincount(labels, weights=sample_weight, minlength=n_codes)
+    # Column i of this (n_codes, n_samples) matrix holds w_i at row labels[i]:
+    # its product with X scatters the weighted rows onto their codes in one
+    # pass, in sample order, with no sort.
+    assign = sparse.csc_matrix(
+        (sample_weight, labels, np.arange(n_samples + 1)), shape=(n_codes, n_samples)
+    )
+    sums = np.asarray(assign @ X.astype(np.float64, copy=False))
+    return counts, sums
+
+
+def ema_update(counts, sums, codebook, batch_counts, batch_sums, momentum):
+    """One EMA step of the code book; returns new arrays, inputs untouched.
+
+    ``n_k <- m n_k + (1 - m) batch_counts_k``,
+    ``s_k <- m s_k + (1 - m) batch_sums_k`` and ``c_k <- s_k / n_k`` for every
+    code that received weight.  A code that received none keeps its vector
+    exactly (in exact arithmetic ``s_k / n_k`` does not change); its sum is
+    re-expressed as ``c_k n_k`` so that rounding cannot make ``s_k / n_k``
+    drift from ``c_k`` over a long wait, and its count is kept above
+    ``COUNT_FLOOR`` so that it never underflows to 0.
+    """
+    new_counts = momentum * counts + (1.0 - momentum) * batch_counts
+    new_sums = momentum * sums + (1.0 - momentum) * batch_sums
+    new_codebook = codebook.copy()
+    won = batch_counts > 0
+    new_codebook[won] = new_sums[won] / new_counts[won, None]
+    kept = ~won | (new_counts < COUNT_FLOOR)
+    np.maximum(new_counts, COUNT_FLOOR, out=new_counts)
+    new_sums[kept] = new_codebook[kept] * new_counts[kept, None]
+    return new_counts, new_sums, new_codebook
+
+
+def weighted_mean(values, sample_weight):
+    """Weighted mean of ``values`` (float64)."""
+    return float(np.dot(sample_weight, values) / sample_weight.sum())
