@@ -20,8 +20,6 @@ from sklearn.utils.validation import (
 from ._kernels import code_statistics, ema_update, init_codebook, weighted_mean
 from ._search import _CodebookIndex
 
-# "auto" uses the k-d tree up to this many features (see the Performance page).
-_AUTO_KD_TREE_MAX_FEATURES = 4
 # Smallest relative decrease of the smoothed loss that counts as improvement.
 _IMPROVEMENT_RTOL = 1e-9
 
@@ -96,7 +94,11 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
           update.
         - ``"brute"``: blocked BLAS products, with a rigorous error bound and
           an exact re-check of near ties.
-        - ``"auto"``: ``"kd_tree"`` when ``n_features <= 4``, else ``"brute"``.
+        - ``"auto"``: ``"kd_tree"`` when the code book is large for its
+          dimension, ``n_codes >= 2 ** (7 + n_features / 4)`` with at most 16
+          features, and the query has at least 2048 rows or
+          ``n_codes >= 1024``; ``"brute"`` otherwise.  The rule comes from
+          measurements on a 2-core machine (see the Performance page).
 
     batch_size : int, default=1024
         Number of samples per EMA step in :meth:`fit`.
@@ -115,13 +117,16 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         this criterion.
 
     n_jobs : int, default=None
-        Number of threads for the nearest-code search.  ``None`` means 1
-        unless in a :obj:`joblib.parallel_backend` context; ``-1`` uses all
-        processors.  Results do not depend on it.
+        Number of threads of the nearest-code search over blocks of rows.
+        ``None`` or ``1`` runs one thread, whose BLAS products may use BLAS's
+        own threads (the fastest choice for batches of a few thousand
+        rows); ``-1`` uses all processors (the fastest choice for large
+        :meth:`predict` and :meth:`transform` calls).  Results do not depend
+        on it.
 
     random_state : int, RandomState instance or None, default=None
         Determines the initialisation and the shuffling of minibatches.  Pass
-        an int for reproducible results.  See :term:`Glossary <random_state>`.
+        an int for reproducible results.
 
     verbose : int, default=0
         Verbosity: ``1`` prints one line per pass of :meth:`fit`.
@@ -151,10 +156,10 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         book that assigned them (the VQ-VAE commitment term).
 
     n_features_in_ : int
-        Number of features seen during :term:`fit`.
+        Number of features seen during ``fit``.
 
     feature_names_in_ : ndarray of shape (`n_features_in_`,)
-        Names of features seen during :term:`fit`. Defined only when `X`
+        Names of features seen during ``fit``. Defined only when ``X``
         has feature names that are all strings.
 
     See Also
@@ -375,11 +380,7 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         self._index = self._build_index(self.codebook_)
 
     def _build_index(self, codebook):
-        algorithm = self.algorithm
-        if algorithm == "auto":
-            small = codebook.shape[1] <= _AUTO_KD_TREE_MAX_FEATURES
-            algorithm = "kd_tree" if small else "brute"
-        return _CodebookIndex(codebook, algorithm)
+        return _CodebookIndex(codebook, self.algorithm)
 
     def _step(self, X, sample_weight):
         """One EMA step on a validated batch; returns the batch loss."""

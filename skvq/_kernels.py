@@ -146,14 +146,16 @@ def ema_update(counts, sums, codebook, batch_counts, batch_sums, momentum):
     drift from ``c_k`` over a long wait, and its count is kept above
     ``COUNT_FLOOR`` so that it never underflows to 0.
     """
-    new_counts = momentum * counts + (1.0 - momentum) * batch_counts
-    new_sums = momentum * sums + (1.0 - momentum) * batch_sums
+    new_counts = momentum * counts
+    new_counts += (1.0 - momentum) * batch_counts
+    new_sums = momentum * sums
+    new_sums += (1.0 - momentum) * batch_sums
+    won = (batch_counts > 0)[:, None]
     new_codebook = codebook.copy()
-    won = batch_counts > 0
-    new_codebook[won] = new_sums[won] / new_counts[won, None]
-    kept = ~won | (new_counts < COUNT_FLOOR)
+    np.divide(new_sums, new_counts[:, None], out=new_codebook, where=won)
+    kept = ~won | (new_counts < COUNT_FLOOR)[:, None]
     np.maximum(new_counts, COUNT_FLOOR, out=new_counts)
-    new_sums[kept] = new_codebook[kept] * new_counts[kept, None]
+    np.multiply(new_codebook, new_counts[:, None], out=new_sums, where=kept)
     return new_counts, new_sums, new_codebook
 
 

@@ -22,17 +22,19 @@ samples than codes) are searched once: a sample always maps to the lowest
 index among equal codes, so results never depend on how rows are grouped.
 """
 
+import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 
 import numpy as np
-from joblib import effective_n_jobs
 from scipy.spatial import cKDTree
 from sklearn import get_config
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 # Elements of one block of the distance matrix in the brute backend: small
 # enough to stay in a core's cache, large enough to amortise the BLAS call.
-_BLOCK_ELEMENTS = 2**17
+_BLOCK_ELEMENTS = 2**18
 # Elements of the temporary (rows, codes, features) array in the exact check.
 _EXACT_ELEMENTS = 2**21
 
@@ -55,6 +57,21 @@ def _distinct_code_ids(codebook):
     return np.sort(first)
 
 
+def kd_tree_pays_off(n_features, n_codes, n_rows=None):
+    """The ``algorithm="auto"`` rule, measured with ``benchmarks/auto_rule.py``.
+
+    The k-d tree beats blocked products when the code book is large for its
+    dimension, ``n_codes >= 2 ** (7 + n_features / 4)`` (181 codes at 2
+    features, 256 at 4, 512 at 8, 1024 at 12, 2048 at 16; never above 16
+    features), and the query is large enough to amortise its overhead
+    (``n_rows >= 2048`` or ``n_codes >= 1024``).  ``n_rows=None`` asks only
+    whether the tree is worth building.
+    """
+    if n_features > 16 or n_codes < 2 ** (7 + n_features / 4):
+        return False
+    return n_rows is None or n_rows >= 2048 or n_codes >= 1024
+
+
 def _exact_nearest(X, codes64):
     """Nearest code by direct float64 differences; ties go to the lowest index."""
     n_codes, n_features = codes64.shape
@@ -67,10 +84,28 @@ def _exact_nearest(X, codes64):
     return labels
 
 
-def _sq_dist_to(X, codes64, labels):
-    """Squared Euclidean distance of each row to its code, in float64."""
-    diff = X.astype(np.float64) - codes64[labels]
-    return np.einsum("ij,ij->i", diff, diff)
+def _exact_among(X, codes64, rows, cols):
+    """Exact nearest code of each row of ``X`` among candidate (row, code) pairs.
+
+    ``rows`` and ``cols`` list the candidate pairs, every row of ``X`` at least
+    once; ties go to the lowest code index.
+    """
+    diff = X[rows].astype(np.float64) - codes64[cols]
+    sq = np.einsum("ij,ij->i", diff, diff)
+    order = np.lexsort((cols, sq, rows))
+    first = np.ones(order.shape[0], dtype=bool)
+    first[1:] = rows[order[1:]] != rows[order[:-1]]
+    return cols[order[first]]
+
+
+def _sq_dist_to(X, codes, labels):
+    """Squared Euclidean distance of each row to its code, as float64.
+
+    Differences are taken in the working dtype (exact for nearby values),
+    so float32 data gets float32 relative accuracy without cancellation.
+    """
+    diff = X - codes[labels]
+    return np.einsum("ij,ij->i", diff, diff).astype(np.float64, copy=False)
 
 
 def _working_memory_rows(row_bytes, n_rows):
@@ -80,43 +115,115 @@ def _working_memory_rows(row_bytes, n_rows):
 
 
 def _n_threads(n_jobs):
-    return max(1, effective_n_jobs(n_jobs))
+    """Threads for ``n_jobs``: None means 1, negative values count from all cores."""
+    if n_jobs is None:
+        return 1
+    if n_jobs < 0:
+        return max(1, (os.cpu_count() or 1) + 1 + n_jobs)
+    return max(1, n_jobs)
+
+
+@lru_cache(maxsize=1)
+def _blas_controller():
+    # Inspecting the loaded libraries is slow (~0.1 ms): do it once.
+    return ThreadpoolController()
+
+
+_POOL_LOCK = threading.Lock()
+_POOL = {}
+
+
+def _thread_pool(n_threads):
+    """A persistent pool: creating threads for every small call costs ~0.1 ms."""
+    with _POOL_LOCK:
+        pool = _POOL.get(n_threads)
+        if pool is None:
+            pool = _POOL[n_threads] = ThreadPoolExecutor(max_workers=n_threads)
+        return pool
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(name, shape, dtype):
+    """A per-thread reusable buffer: fresh large temporaries page-fault."""
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    key = (name, np.dtype(dtype))
+    buf = buffers.get(key)
+    size = int(np.prod(shape))
+    if buf is None or buf.size < size:
+        buf = buffers[key] = np.empty(size, dtype=dtype)
+    return buf[:size].reshape(shape)
 
 
 def _run_blocks(func, n_rows, block_rows, n_threads):
-    """Call ``func(start, stop)`` on consecutive row blocks, maybe in threads.
+    """Call ``func(start, stop)`` on consecutive row blocks, in ``n_threads``.
 
-    ``func`` writes its results into preallocated arrays, so the outcome does
-    not depend on the order in which blocks finish.
+    Each thread takes every ``n_threads``-th block.  ``func`` writes its
+    results into preallocated arrays, so the outcome does not depend on the
+    threads.  With several threads of ours, BLAS is held to one thread each
+    (NumPy and BLAS release the GIL), which avoids oversubscribing the cores;
+    with one, BLAS keeps its own threads for the products.
     """
     bounds = [(s, min(s + block_rows, n_rows)) for s in range(0, n_rows, block_rows)]
-    if n_threads == 1 or len(bounds) == 1:
-        for start, stop in bounds:
+    n_threads = min(n_threads, len(bounds))
+
+    def run(part):
+        for start, stop in part:
             func(start, stop)
+
+    if n_threads <= 1:
+        run(bounds)
         return
-    # NumPy and BLAS release the GIL; one BLAS thread per worker avoids
-    # oversubscribing the cores.
-    with threadpool_limits(limits=1, user_api="blas"):
-        with ThreadPoolExecutor(max_workers=n_threads) as pool:
-            list(pool.map(lambda b: func(*b), bounds))
+    parts = [bounds[i::n_threads] for i in range(n_threads)]
+    with _blas_controller().limit(limits=1, user_api="blas"):
+        list(_thread_pool(n_threads).map(run, parts))
 
 
 class _BrutePrep:
-    """Centred, pre-scaled distinct codes for one working dtype."""
+    """Centred codes for one working dtype, laid out for one BLAS product.
+
+    ``product`` has shape ``(n_features + 1, n_codes)``: its first rows hold
+    ``-2 e`` and its last row ``||e||^2`` (codes centred), so that
+    ``[x - center, 1] @ product`` is ``||e||^2 - 2 x.e`` in a single call.
+    """
 
     def __init__(self, codes64, dtype):
         self.dtype = np.dtype(dtype)
+        n_codes, n_features = codes64.shape
         self.center = codes64.mean(axis=0).astype(self.dtype)
         centred = codes64 - self.center
-        # -2 * e is exact in floating point, so the product gives -2 x.e.
-        self.minus_2e_t = np.ascontiguousarray((-2.0 * centred).astype(self.dtype).T)
-        self.e_sq = np.einsum("ij,ij->i", centred, centred).astype(self.dtype)
-        self.e_max = float(np.sqrt(self.e_sq.max(initial=0.0)))
-        # Rigorous bound factor on the error of one entry of ||e||^2 - 2 x.e:
-        # the product contributes gamma_C ||x|| ||e||, the centring and the
-        # roundings of the sums a few unit roundoffs more.
+        e_sq = np.einsum("ij,ij->i", centred, centred)
+        # -2 * e is exact in floating point.
+        self.product = np.empty((n_features + 1, n_codes), dtype=self.dtype)
+        np.multiply(centred.T, -2.0, out=self.product[:n_features], casting="same_kind")
+        self.product[n_features] = e_sq
+        self.e_max = float(np.sqrt(e_sq.max(initial=0.0)))
+        # Rigorous bound factor on the error of one entry of ||e||^2 - 2 x.e,
+        # and of the difference of two entries: the product contributes
+        # gamma_C ||x|| ||e||, the centring, the casts and the sums a few unit
+        # roundoffs of (||x|| + max ||e||)^2 more.
         unit = np.finfo(self.dtype).eps / 2
-        self.kappa = (2 * codes64.shape[1] + 16) * unit
+        self.kappa = (2 * n_features + 16) * unit
+
+    def scores(self, X, *, scratch=True):
+        """``(||e||^2 - 2 (x - center).e, x - center)`` for a block of rows.
+
+        With ``scratch``, both live in per-thread buffers that the next call
+        overwrites.
+        """
+        n_rows, n_features = X.shape
+        shape_a, shape_s = (n_rows, n_features + 1), (n_rows, self.product.shape[1])
+        if scratch:
+            augmented = _scratch("augmented", shape_a, self.dtype)
+            scores = _scratch("scores", shape_s, self.dtype)
+        else:
+            augmented = np.empty(shape_a, dtype=self.dtype)
+            scores = np.empty(shape_s, dtype=self.dtype)
+        centred = augmented[:, :n_features]
+        np.subtract(X, self.center, out=centred)
+        augmented[:, n_features] = 1.0
+        return np.matmul(augmented, self.product, out=scores), centred
 
 
 class _CodebookIndex:
@@ -126,25 +233,34 @@ class _CodebookIndex:
     ----------
     codebook : ndarray of shape (n_codes, n_features)
         The code vectors, float32 or float64.
-    algorithm : {"kd_tree", "brute"}
-        The resolved backend.
+    algorithm : {"auto", "kd_tree", "brute"}
+        The backend; ``"auto"`` applies :func:`kd_tree_pays_off` to each
+        query.
     """
 
     def __init__(self, codebook, algorithm):
+        self.codebook = codebook
         self.algorithm = algorithm
-        self.n_codes = codebook.shape[0]
         self.ids = _distinct_code_ids(codebook)
         distinct = codebook if self.ids is None else codebook[self.ids]
         self.codes64 = distinct.astype(np.float64)
-        self.full64 = codebook.astype(np.float64)
-        self._full_prep = _BrutePrep(self.full64, np.float64)
-        if algorithm == "kd_tree":
+        n_distinct, n_features = self.codes64.shape
+        self._tree = self._prep = None
+        if algorithm == "kd_tree" or (
+            algorithm == "auto" and kd_tree_pays_off(n_features, n_distinct)
+        ):
             self._tree = cKDTree(self.codes64)
-        else:
-            self._prep = {
-                np.dtype(dt): _BrutePrep(self.codes64, dt)
-                for dt in (np.float32, np.float64)
-            }
+        if algorithm != "kd_tree":
+            self._prep = _BrutePrep(self.codes64, codebook.dtype)
+
+    def _uses_tree(self, n_rows):
+        """Whether a query of ``n_rows`` rows goes to the k-d tree."""
+        if self._prep is None:  # algorithm="kd_tree"
+            return True
+        if self._tree is None:  # "brute", or "auto" with a small code book
+            return False
+        n_distinct, n_features = self.codes64.shape
+        return kd_tree_pays_off(n_features, n_distinct, n_rows)
 
     # -- nearest code -----------------------------------------------------
     def nearest(self, X, *, n_jobs=None, return_sq_dist=False):
@@ -155,53 +271,60 @@ class _CodebookIndex:
         labels : ndarray of shape (n_samples,), dtype=intp
         sq_dist : ndarray of shape (n_samples,), float64, or None
         """
-        n = X.shape[0]
-        labels = np.empty(n, dtype=np.intp)
-        sq_dist = np.empty(n, dtype=np.float64) if return_sq_dist else None
+        n_rows, n_distinct = X.shape[0], self.codes64.shape[0]
+        labels = np.empty(n_rows, dtype=np.intp)
+        sq_dist = np.empty(n_rows, dtype=np.float64) if return_sq_dist else None
         n_threads = _n_threads(n_jobs)
-        if self.algorithm == "kd_tree":
-            search = self._kd_block
-            row_bytes = 8 * X.shape[1] + 64
-            threads_inside, threads_outside = n_threads, 1
+        if return_sq_dist:
+            codes = self.codes64.astype(X.dtype, copy=False)
+        if self._uses_tree(n_rows):
+            block = _working_memory_rows(8 * X.shape[1] + 64, n_rows)
+
+            def search(rows):
+                return self._kd_block(rows, n_threads)
+
+            threads_outside = 1
         else:
-            search = self._brute_block
-            row_bytes = 3 * X.itemsize * self.codes64.shape[0] + 8 * X.shape[1]
-            threads_inside, threads_outside = 1, n_threads
-        block = self._block_rows(n, row_bytes, self.algorithm == "brute")
+            prep = self._prep
+            if prep.dtype != X.dtype:
+                prep = _BrutePrep(self.codes64, X.dtype)
+            block = _working_memory_rows(3 * X.itemsize * n_distinct, n_rows)
+            block = min(block, max(64, _BLOCK_ELEMENTS // n_distinct))
+
+            def search(rows):
+                return self._brute_block(rows, prep)
+
+            threads_outside = n_threads
 
         def work(start, stop):
             rows = X[start:stop]
-            found = search(rows, threads_inside)
+            found = search(rows)
             labels[start:stop] = found if self.ids is None else self.ids[found]
             if sq_dist is not None:
-                sq_dist[start:stop] = _sq_dist_to(rows, self.codes64, found)
+                sq_dist[start:stop] = _sq_dist_to(rows, codes, found)
 
-        _run_blocks(work, n, block, threads_outside)
+        _run_blocks(work, n_rows, block, threads_outside)
         return labels, sq_dist
 
-    def _block_rows(self, n_rows, row_bytes, cache_sized):
-        rows = _working_memory_rows(row_bytes, n_rows)
-        if cache_sized:
-            rows = min(rows, max(64, _BLOCK_ELEMENTS // self.codes64.shape[0]))
-        return max(1, rows)
-
-    def _brute_block(self, X, n_threads):
-        prep = self._prep[np.dtype(np.result_type(X.dtype, np.float32))]
-        centred = X.astype(prep.dtype, copy=False) - prep.center
-        scores = centred @ prep.minus_2e_t
-        scores += prep.e_sq
-        rows = np.arange(X.shape[0])
+    def _brute_block(self, X, prep):
+        scores, centred = prep.scores(X)
         labels = scores.argmin(axis=1)
-        best = scores[rows, labels]
         if scores.shape[1] == 1:
             return labels
+        rows = np.arange(X.shape[0])
+        best = scores[rows, labels]
         scores[rows, labels] = np.inf
-        second = scores.min(axis=1)
-        x_norm = np.sqrt(np.einsum("ij,ij->i", centred, centred, dtype=np.float64))
-        bound = prep.kappa * (x_norm + prep.e_max) ** 2
-        unsure = ~(second - best > 2.0 * bound)
-        if unsure.any():
-            labels[unsure] = _exact_nearest(X[unsure], self.codes64)
+        second = scores[rows, scores.argmin(axis=1)]
+        x_norm = np.sqrt(np.einsum("ij,ij->i", centred, centred))
+        margin = 2.0 * prep.kappa * (x_norm + prep.e_max) ** 2
+        unsure = np.flatnonzero(~(second - best > margin))
+        if unsure.size:
+            # The exact winner is among the codes within the error margin of
+            # the computed best (the best itself was set to inf above).
+            near = scores[unsure] <= (best[unsure] + margin[unsure])[:, None]
+            near[np.arange(unsure.size), labels[unsure]] = True
+            cand_rows, cand_cols = np.nonzero(near)
+            labels[unsure] = _exact_among(X[unsure], self.codes64, cand_rows, cand_cols)
         return labels
 
     def _kd_block(self, X, n_threads):
@@ -224,19 +347,17 @@ class _CodebookIndex:
 
         Computed in float64 on centred data and returned in ``X.dtype``.
         """
-        n, k = X.shape[0], self.n_codes
-        out = np.empty((n, k), dtype=X.dtype)
-        prep = self._full_prep
-        block = _working_memory_rows(24 * k, n)
-        block = min(block, max(64, _BLOCK_ELEMENTS // k))
+        n_rows, n_codes = X.shape[0], self.codebook.shape[0]
+        out = np.empty((n_rows, n_codes), dtype=X.dtype)
+        prep = _BrutePrep(self.codebook.astype(np.float64), np.float64)
+        block = _working_memory_rows(24 * n_codes, n_rows)
+        block = min(block, max(64, _BLOCK_ELEMENTS // n_codes))
 
         def work(start, stop):
-            centred = X[start:stop].astype(np.float64) - prep.center
-            sq = centred @ prep.minus_2e_t
-            sq += prep.e_sq
+            sq, centred = prep.scores(X[start:stop], scratch=False)
             sq += np.einsum("ij,ij->i", centred, centred)[:, None]
             np.maximum(sq, 0.0, out=sq)
             out[start:stop] = np.sqrt(sq, out=sq)
 
-        _run_blocks(work, n, block, _n_threads(n_jobs))
+        _run_blocks(work, n_rows, block, _n_threads(n_jobs))
         return out

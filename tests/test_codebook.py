@@ -429,3 +429,45 @@ def test_grid_search_prefers_more_codes_by_score():
     assert search.best_params_ == {"n_codes": 8}
     scores = search.cv_results_["mean_test_score"]
     assert scores[0] < scores[1] < scores[2] <= 0
+
+
+@pytest.mark.parametrize(
+    "n_features, n_codes, n_rows, expected",
+    [
+        (2, 181, None, False),
+        (2, 182, None, True),
+        (4, 256, 100_000, True),
+        (4, 255, 100_000, False),
+        (8, 512, 2048, True),
+        (8, 512, 2047, False),
+        (8, 1024, 10, True),
+        (16, 2048, 5000, True),
+        (17, 100_000, 100_000, False),
+    ],
+)
+def test_auto_rule_follows_the_documented_thresholds(
+    n_features, n_codes, n_rows, expected
+):
+    from skvq._search import kd_tree_pays_off
+
+    assert kd_tree_pays_off(n_features, n_codes, n_rows) is expected
+
+
+def test_predict_never_materialises_the_full_distance_matrix():
+    import tracemalloc
+
+    import sklearn
+
+    X = blobs(40_000, n_features=8, dtype=np.float32)
+    vq = VQCodebookTransformer(n_codes=1024, algorithm="brute", random_state=0)
+    vq.partial_fit(X[:2000])
+    full = X.shape[0] * 1024 * 4
+    with sklearn.config_context(working_memory=1):
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            vq.predict(X)
+            peak = tracemalloc.get_traced_memory()[1] - base
+        finally:
+            tracemalloc.stop()
+    assert peak < 0.1 * full
