@@ -17,11 +17,22 @@ from sklearn.utils.validation import (
     validate_data,
 )
 
-from ._kernels import code_statistics, ema_update, init_codebook, weighted_mean
+from ._kernels import (
+    code_statistics,
+    ema_update,
+    init_codebook,
+    perplexity,
+    reseed_dead_codes,
+    weighted_mean,
+)
 from ._search import _CodebookIndex
 
 # Smallest relative decrease of the smoothed loss that counts as improvement.
 _IMPROVEMENT_RTOL = 1e-9
+
+
+# Chosen from the experiments in docs/health.rst.
+DEFAULT_DEAD_CODE_THRESHOLD = 0.5
 
 
 class VQCodebookTransformer(TransformerMixin, BaseEstimator):
@@ -56,6 +67,18 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
     commitment_weight : float, default=0.25
         Weight ``beta >= 0`` of the VQ-VAE commitment term reported in
         ``commitment_loss_``.  It does not change the code book.
+
+    dead_code_threshold : float, default=0.5
+        A code whose EMA count ``ema_counts_`` falls below this value after a
+        step is *dead* and is re-seeded from that step's batch: dead codes, in
+        order, each take a sample drawn with probability proportional to its
+        weight times its squared distance to the code book (k-means++ style,
+        so poorly served regions get codes), and restart with ``n_k = 1``,
+        ``s_k = c_k``.  Counts are in units of sample weight per batch, so the
+        default revives codes that win, on EMA average, fewer than half a
+        sample per batch.  Values above 1 (the initial count) re-seed codes
+        before they can settle.  ``0`` disables reassignment, and then the
+        plain EMA rule holds exactly.
 
     init : {"k-means++", "random"} or array-like of shape (n_codes, n_features), \
             default="k-means++"
@@ -129,7 +152,8 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         an int for reproducible results.
 
     verbose : int, default=0
-        Verbosity: ``1`` prints one line per pass of :meth:`fit`.
+        Verbosity: ``1`` prints one line per pass of :meth:`fit` (pass,
+        steps, mean batch loss, perplexity, codes reassigned).
 
     Attributes
     ----------
@@ -149,6 +173,19 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
 
     n_iter_ : int
         Number of passes over the data made by the last :meth:`fit`.
+
+    n_codes_reassigned_ : int
+        Number of codes re-seeded since the code book was initialised.
+
+    dead_codes_ : ndarray of shape (n_codes,), dtype=bool
+        Codes found dead (EMA count below ``dead_code_threshold``) in the last
+        step; they were re-seeded unless every sample of the batch already
+        coincided with a code.  All False when reassignment is disabled.
+
+    perplexity_ : float
+        ``exp`` of the entropy of the EMA usage distribution
+        ``ema_counts_ / ema_counts_.sum()``: 1 when one code takes all the
+        weight, ``n_codes`` when all codes are used evenly.
 
     commitment_loss_ : float
         ``commitment_weight`` times the weighted mean squared distance between
@@ -183,7 +220,12 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
     Input of dtype float16, integer or boolean is converted to float64.
 
     :meth:`fit` and :meth:`partial_fit` either succeed or leave the estimator
-    exactly as it was.
+    exactly as it was.  The random draws of reassignment at step ``t`` come
+    from ``numpy.random.default_rng([seed, t])`` with a seed fixed at
+    initialisation, so an estimator pickled (or saved with ``skops.io``, which
+    needs to trust only this class) in the middle of a stream continues
+    bit for bit.  The search structure is not saved; it is rebuilt on
+    loading.
 
     References
     ----------
@@ -217,6 +259,7 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         "n_codes": [Interval(Integral, 1, None, closed="left")],
         "ema_momentum": [Interval(Real, 0, 1, closed="left")],
         "commitment_weight": [Interval(Real, 0, None, closed="left")],
+        "dead_code_threshold": [Interval(Real, 0, None, closed="left")],
         "init": [StrOptions({"k-means++", "random"}), "array-like"],
         "encode": [StrOptions({"index", "onehot", "onehot-dense", "distance"})],
         "algorithm": [StrOptions({"auto", "kd_tree", "brute"})],
@@ -235,6 +278,7 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         *,
         ema_momentum=0.99,
         commitment_weight=0.25,
+        dead_code_threshold=DEFAULT_DEAD_CODE_THRESHOLD,
         init="k-means++",
         encode="index",
         algorithm="auto",
@@ -249,6 +293,7 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         self.n_codes = n_codes
         self.ema_momentum = ema_momentum
         self.commitment_weight = commitment_weight
+        self.dead_code_threshold = dead_code_threshold
         self.init = init
         self.encode = encode
         self.algorithm = algorithm
@@ -377,6 +422,12 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         self.ema_counts_ = np.ones(self.n_codes)
         self.ema_sum_ = self.codebook_.astype(np.float64)
         self.n_steps_ = 0
+        self.n_codes_reassigned_ = 0
+        self.dead_codes_ = np.zeros(self.n_codes, dtype=bool)
+        self.perplexity_ = float(self.n_codes)
+        # Seed of the reassignment draws: step t draws from
+        # default_rng([seed, t]), so a pickled estimator continues exactly.
+        self._seed = int(rng.randint(np.iinfo(np.int32).max))
         self._index = self._build_index(self.codebook_)
 
     def _build_index(self, codebook):
@@ -399,10 +450,21 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
             batch_sums,
             self.ema_momentum,
         )
+        dead = counts < self.dead_code_threshold
+        n_reseeded = 0
+        if dead.any():
+            rng = np.random.default_rng([self._seed, self.n_steps_])
+            codebook, counts, sums, reseeded = reseed_dead_codes(
+                codebook, counts, sums, dead, X, sample_weight, sq_dist, rng
+            )
+            n_reseeded = reseeded.shape[0]
         index = self._build_index(codebook)
         self.ema_counts_, self.ema_sum_, self.codebook_ = counts, sums, codebook
         self._index = index
         self.n_steps_ += 1
+        self.n_codes_reassigned_ += n_reseeded
+        self.dead_codes_ = dead
+        self.perplexity_ = perplexity(counts)
         self.commitment_loss_ = self.commitment_weight * loss
         return loss
 
@@ -412,6 +474,7 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         stopper = _EarlyStopping(self, X, sample_weight)
         for n_pass in range(1, self.max_iter + 1):
             start_codebook = self.codebook_
+            reassigned_before = self.n_codes_reassigned_
             order = rng.permutation(n_samples) if n_samples > batch_size else None
             pass_loss = 0.0
             for start in range(0, n_samples, batch_size):
@@ -425,7 +488,9 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
             stop = stopper.should_stop(pass_loss, shift)
             if self.verbose:
                 print(
-                    f"Pass {n_pass}: {self.n_steps_} steps, mean loss {pass_loss:.6g}"
+                    f"Pass {n_pass}: {self.n_steps_} steps, mean loss "
+                    f"{pass_loss:.6g}, perplexity {self.perplexity_:.4g}, "
+                    f"{self.n_codes_reassigned_ - reassigned_before} codes reassigned"
                 )
             if stop:
                 if self.verbose:

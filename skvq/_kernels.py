@@ -15,7 +15,7 @@ from scipy import sparse
 COUNT_FLOOR = float(np.sqrt(np.finfo(np.float64).tiny))
 
 
-def canonical_sample(X, sample_weight):
+def canonical_sample(X, sample_weight, values=None):
     """Collapse duplicate rows and drop zero weights, in lexicographic order.
 
     The result depends only on the weighted empirical distribution of
@@ -26,13 +26,21 @@ def canonical_sample(X, sample_weight):
     -------
     points : ndarray of shape (n_distinct, n_features), float64
     weights : ndarray of shape (n_distinct,), float64
+    point_values : ndarray of shape (n_distinct,)
+        Only when ``values`` (one per row, equal for equal rows) is given:
+        the value of each distinct row.
     """
     keep = sample_weight > 0
     points, inverse = np.unique(X[keep].astype(np.float64), axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
     weights = np.bincount(
-        inverse.reshape(-1), weights=sample_weight[keep], minlength=points.shape[0]
+        inverse, weights=sample_weight[keep], minlength=points.shape[0]
     )
-    return points, weights
+    if values is None:
+        return points, weights
+    point_values = np.empty(points.shape[0], dtype=values.dtype)
+    point_values[inverse] = values[keep]
+    return points, weights, point_values
 
 
 def weighted_draw(weights, size, rng):
@@ -157,6 +165,46 @@ def ema_update(counts, sums, codebook, batch_counts, batch_sums, momentum):
     np.maximum(new_counts, COUNT_FLOOR, out=new_counts)
     np.multiply(new_codebook, new_counts[:, None], out=new_sums, where=kept)
     return new_counts, new_sums, new_codebook
+
+
+def reseed_dead_codes(codebook, counts, sums, dead, X, sample_weight, sq_dist, rng):
+    """Move dead codes onto batch samples, k-means++ style.
+
+    Dead codes, in ascending order, each take a distinct row of ``X`` drawn
+    with probability proportional to its weight times its squared distance
+    to the code book (``sq_dist``, updated after every pick), from the
+    distinct rows of positive weight in canonical order; a re-seeded code
+    restarts like a freshly initialised one (``n_k = 1``, ``s_k = c_k``).
+    Codes stay where they are once every row coincides with a code.
+
+    Returns
+    -------
+    codebook, counts, sums : ndarray
+        New arrays; the inputs are untouched.
+    reseeded : ndarray of int
+        Indices of the codes that moved.
+    """
+    points, weights, d2 = canonical_sample(X, sample_weight, sq_dist)
+    codebook, counts, sums = codebook.copy(), counts.copy(), sums.copy()
+    reseeded = []
+    for k in np.flatnonzero(dead):
+        potential = weights * d2
+        if not potential.sum() > 0:
+            break
+        pick = points[weighted_draw(potential, 1, rng)[0]]
+        codebook[k] = pick
+        counts[k] = 1.0
+        sums[k] = codebook[k]
+        np.minimum(d2, np.einsum("ij,ij->i", points - pick, points - pick), out=d2)
+        reseeded.append(k)
+    return codebook, counts, sums, np.asarray(reseeded, dtype=np.intp)
+
+
+def perplexity(counts):
+    """``exp`` of the entropy of the usage distribution ``counts / counts.sum()``."""
+    p = counts / counts.sum()
+    p = p[p > 0]
+    return float(np.exp(-np.dot(p, np.log(p))))
 
 
 def weighted_mean(values, sample_weight):

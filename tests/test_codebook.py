@@ -56,7 +56,9 @@ def test_partial_fit_follows_ema_rule_step_by_step(dtype, momentum, weighted):
     rng = np.random.RandomState(0)
     X = blobs(400, dtype=dtype)
     init = X[:6].astype(np.float64) + 0.5
-    vq = VQCodebookTransformer(n_codes=6, ema_momentum=momentum, init=init)
+    vq = VQCodebookTransformer(
+        n_codes=6, ema_momentum=momentum, init=init, dead_code_threshold=0
+    )
     counts, sums, codebook = np.ones(6), init.astype(dtype).astype(np.float64), init
     codebook = codebook.astype(dtype).astype(np.float64)
     for batch in np.array_split(np.arange(400), 5):
@@ -83,7 +85,9 @@ def test_partial_fit_follows_ema_rule_step_by_step(dtype, momentum, weighted):
 def test_unused_code_keeps_its_vector_at_momentum_zero():
     X = np.array([[0.0, 0.0], [0.2, 0.0]])
     init = np.array([[0.1, 0.0], [9.0, 9.0]])
-    vq = VQCodebookTransformer(n_codes=2, ema_momentum=0.0, init=init).partial_fit(X)
+    vq = VQCodebookTransformer(
+        n_codes=2, ema_momentum=0.0, init=init, dead_code_threshold=0
+    ).partial_fit(X)
     assert_array_equal(vq.codebook_[1], init[1])
     assert_allclose(vq.codebook_[0], [0.1, 0.0])
     assert np.all(np.isfinite(vq.codebook_))
@@ -92,7 +96,9 @@ def test_unused_code_keeps_its_vector_at_momentum_zero():
 def test_first_partial_fit_initialises_then_applies_one_step():
     X = blobs(200)
     init = X[:5] + 1.0
-    vq = VQCodebookTransformer(n_codes=5, ema_momentum=0.9, init=init).partial_fit(X)
+    vq = VQCodebookTransformer(
+        n_codes=5, ema_momentum=0.9, init=init, dead_code_threshold=0
+    ).partial_fit(X)
     counts, sums, codebook, _ = reference_ema_step(
         np.ones(5), init.copy(), init, X, np.ones(200), 0.9
     )
