@@ -2,6 +2,7 @@
 
 import warnings
 from contextlib import contextmanager
+from functools import partial
 from numbers import Integral, Real
 
 import numpy as np
@@ -18,18 +19,28 @@ from sklearn.utils.validation import (
 )
 
 from ._kernels import (
-    code_statistics,
+    batch_statistics,
     ema_update,
     init_codebook,
     perplexity,
     reseed_dead_codes,
     weighted_mean,
+    weighted_mean_variance,
 )
 from ._search import _CodebookIndex
 
 # Smallest relative decrease of the smoothed loss that counts as improvement.
 _IMPROVEMENT_RTOL = 1e-9
 
+
+def _is_dask_array(X):
+    """Whether ``X`` is a Dask array, without importing Dask."""
+    cls = type(X)
+    return cls.__name__ == "Array" and cls.__module__.startswith("dask.array")
+
+
+# Initialisation never draws from more rows than this (or 3 * n_codes).
+_MAX_INIT_SIZE = 2**16
 
 # Chosen from the experiments in docs/health.rst.
 DEFAULT_DEAD_CODE_THRESHOLD = 0.5
@@ -92,7 +103,7 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         Both strategies draw from the distinct rows of positive weight in a
         canonical order, so the result depends only on the weighted empirical
         distribution (and on ``random_state``).  ``fit`` draws from at most
-        ``max(3 * batch_size, 3 * n_codes)`` rows.
+        ``max(3 * n_codes, min(3 * batch_size, 65536))`` rows.
 
     encode : {"index", "onehot", "onehot-dense", "distance"}, default="index"
         What :meth:`transform` returns.
@@ -332,10 +343,15 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
             Fitted estimator.
         """
         with self._unchanged_on_error():
+            if _is_dask_array(X):
+                from . import _dask
+
+                return _dask.fit(self, X, sample_weight)
             X, sample_weight = self._validate_batch(X, sample_weight, reset=True)
             rng = check_random_state(self.random_state)
             self._initialize(X, sample_weight, rng)
-            self._fit_passes(X, sample_weight, rng)
+            variance = weighted_mean_variance(X, sample_weight) if self.tol > 0 else 0.0
+            self._run_passes(self._numpy_passes(X, sample_weight, rng), variance)
         return self
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -362,6 +378,10 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
             Updated estimator.
         """
         with self._unchanged_on_error():
+            if _is_dask_array(X):
+                from . import _dask
+
+                return _dask.partial_fit(self, X, sample_weight)
             first = not hasattr(self, "codebook_")
             X, sample_weight = self._validate_batch(X, sample_weight, reset=first)
             if first:
@@ -400,7 +420,7 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
                     f"(n_codes, n_features) = {expected} was expected."
                 )
             return init
-        init_size = max(3 * self.batch_size, 3 * self.n_codes)
+        init_size = self._init_size()
         if X.shape[0] > init_size:
             rows = rng.choice(X.shape[0], size=init_size, replace=False)
             X, sample_weight = X[rows], sample_weight[rows]
@@ -416,6 +436,10 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
                 stacklevel=3,
             )
         return codebook
+
+    def _init_size(self):
+        """Rows that initialisation draws from at most."""
+        return max(3 * self.n_codes, min(3 * self.batch_size, _MAX_INIT_SIZE))
 
     def _initialize(self, X, sample_weight, rng):
         self.codebook_ = self._initial_codebook(X, sample_weight, rng).astype(X.dtype)
@@ -434,20 +458,24 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         return _CodebookIndex(codebook, self.algorithm)
 
     def _step(self, X, sample_weight):
-        """One EMA step on a validated batch; returns the batch loss."""
-        labels, sq_dist = self._index.nearest(
-            X, n_jobs=self.n_jobs, return_sq_dist=True
+        """One EMA step on a validated batch; returns (loss, weight) of the batch."""
+        stats, sq_dist = batch_statistics(
+            self._index, X, sample_weight, self.n_codes, self.n_jobs
         )
-        loss = weighted_mean(sq_dist, sample_weight)
-        batch_counts, batch_sums = code_statistics(
-            X, labels, sample_weight, self.n_codes
-        )
+        return self._apply_statistics(stats, (X, sample_weight, sq_dist))
+
+    def _apply_statistics(self, stats, reseed_pool):
+        """The EMA update from a batch's summed statistics, then reassignment.
+
+        ``reseed_pool`` is ``(rows, weights, sq_dist)``: the batch, or a
+        weighted sample of it, from which dead codes are re-seeded.
+        """
         counts, sums, codebook = ema_update(
             self.ema_counts_,
             self.ema_sum_,
             self.codebook_,
-            batch_counts,
-            batch_sums,
+            stats.counts,
+            stats.sums,
             self.ema_momentum,
         )
         dead = counts < self.dead_code_threshold
@@ -455,7 +483,7 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         if dead.any():
             rng = np.random.default_rng([self._seed, self.n_steps_])
             codebook, counts, sums, reseeded = reseed_dead_codes(
-                codebook, counts, sums, dead, X, sample_weight, sq_dist, rng
+                codebook, counts, sums, dead, *reseed_pool, rng
             )
             n_reseeded = reseeded.shape[0]
         index = self._build_index(codebook)
@@ -465,25 +493,36 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         self.n_codes_reassigned_ += n_reseeded
         self.dead_codes_ = dead
         self.perplexity_ = perplexity(counts)
+        loss = stats.loss / stats.weight
         self.commitment_loss_ = self.commitment_weight * loss
-        return loss
+        return loss, stats.weight
 
-    def _fit_passes(self, X, sample_weight, rng):
+    def _numpy_passes(self, X, sample_weight, rng):
+        """Each pass: one step per minibatch of rows, shuffled when X is larger."""
         n_samples = X.shape[0]
         batch_size = min(self.batch_size, n_samples)
-        stopper = _EarlyStopping(self, X, sample_weight)
-        for n_pass in range(1, self.max_iter + 1):
-            start_codebook = self.codebook_
-            reassigned_before = self.n_codes_reassigned_
+        for _ in range(self.max_iter):
             order = rng.permutation(n_samples) if n_samples > batch_size else None
-            pass_loss = 0.0
+            steps = []
             for start in range(0, n_samples, batch_size):
                 rows = slice(start, start + batch_size)
                 if order is not None:
                     rows = order[rows]
-                batch_weight = sample_weight[rows]
-                pass_loss += self._step(X[rows], batch_weight) * batch_weight.sum()
-            pass_loss /= sample_weight.sum()
+                steps.append(partial(self._step, X[rows], sample_weight[rows]))
+            yield steps
+
+    def _run_passes(self, passes, mean_variance):
+        """Run the steps of each pass, with per-pass early stopping."""
+        stopper = _EarlyStopping(self, mean_variance)
+        for n_pass, steps in enumerate(passes, start=1):
+            start_codebook = self.codebook_
+            reassigned_before = self.n_codes_reassigned_
+            pass_loss = pass_weight = 0.0
+            for step in steps:
+                loss, weight = step()
+                pass_loss += loss * weight
+                pass_weight += weight
+            pass_loss /= pass_weight
             shift = np.mean((self.codebook_ - start_codebook).astype(np.float64) ** 2)
             stop = stopper.should_stop(pass_loss, shift)
             if self.verbose:
@@ -499,6 +538,13 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         self.n_iter_ = n_pass
 
     # ------------------------------------------------------------ inference
+    def _lazy(self, method, *args):
+        """The lazy, blockwise version of ``method`` for Dask input."""
+        check_is_fitted(self)
+        from . import _dask
+
+        return getattr(_dask, method)(self, *args)
+
     def _validated_query(self, X):
         check_is_fitted(self)
         return validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
@@ -514,8 +560,11 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         Returns
         -------
         codes : ndarray of shape (n_samples,), dtype=int64
-            Index into ``codebook_`` of the nearest code vector.
+            Index into ``codebook_`` of the nearest code vector.  A lazy Dask
+            array when ``X`` is one.
         """
+        if _is_dask_array(X):
+            return self._lazy("predict", X)
         X = self._validated_query(X)
         return self._index.nearest(X, n_jobs=self.n_jobs)[0].astype(
             np.int64, copy=False
@@ -534,7 +583,10 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         Xt : {ndarray, sparse matrix} of shape (n_samples, 1) or (n_samples, n_codes)
             Codes (``"index"``), one-hot codes (``"onehot"``,
             ``"onehot-dense"``) or distances to every code (``"distance"``).
+            A lazy Dask array, computed block by block, when ``X`` is one.
         """
+        if _is_dask_array(X):
+            return self._lazy("transform", X)
         X = self._validated_query(X)
         if self.encode == "distance":
             return self._index.distances(X, n_jobs=self.n_jobs)
@@ -567,8 +619,10 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         Returns
         -------
         X_decoded : ndarray of shape (n_samples, n_features)
-            Rows of ``codebook_``.
+            Rows of ``codebook_``.  A lazy Dask array when ``X`` is one.
         """
+        if _is_dask_array(X):
+            return self._lazy("inverse_transform", X)
         check_is_fitted(self)
         return self.codebook_[self._decode(X)]
 
@@ -650,8 +704,11 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         Returns
         -------
         score : float
-            ``-sum(w_i * ||x_i - c(x_i)||^2) / sum(w_i)``.
+            ``-sum(w_i * ||x_i - c(x_i)||^2) / sum(w_i)``.  A lazy 0-d Dask
+            array when ``X`` is one.
         """
+        if _is_dask_array(X):
+            return self._lazy("score", X, sample_weight)
         X = self._validated_query(X)
         sample_weight = _check_sample_weight(
             sample_weight, X, dtype=np.float64, ensure_non_negative=True
@@ -707,13 +764,9 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
 class _EarlyStopping:
     """Early-stopping rule of ``fit``, fed the mean loss and shift of each pass."""
 
-    def __init__(self, estimator, X, sample_weight):
+    def __init__(self, estimator, mean_variance):
         self.max_no_improvement = estimator.max_no_improvement
-        self.tol = 0.0
-        if estimator.tol > 0:
-            mean = np.average(X, axis=0, weights=sample_weight)
-            var = np.average((X - mean) ** 2, axis=0, weights=sample_weight)
-            self.tol = estimator.tol * float(np.mean(var))
+        self.tol = estimator.tol * mean_variance
         self.best_loss = np.inf
         self.n_no_improvement = 0
         self.reason = ""

@@ -6,6 +6,8 @@ positive sum, and a NumPy ``RandomState`` for the random draws.  They never
 modify their inputs.
 """
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy import sparse
 
@@ -143,6 +145,43 @@ def code_statistics(X, labels, sample_weight, n_codes):
     return counts, sums
 
 
+@dataclass(frozen=True)
+class BatchStatistics:
+    """Additive sufficient statistics of one EMA step over (part of) a batch.
+
+    Statistics of disjoint parts of a batch add up to those of the batch,
+    which is what lets a step run as a reduction over chunks.
+    """
+
+    counts: np.ndarray  # (n_codes,): sum of w_i per code
+    sums: np.ndarray  # (n_codes, n_features): sum of w_i x_i per code
+    loss: float  # sum of w_i ||x_i - c(x_i)||^2
+    weight: float  # sum of w_i
+
+    def __add__(self, other):
+        return BatchStatistics(
+            self.counts + other.counts,
+            self.sums + other.sums,
+            self.loss + other.loss,
+            self.weight + other.weight,
+        )
+
+
+def batch_statistics(index, X, sample_weight, n_codes, n_jobs=None):
+    """Assign the rows of ``X`` to their nearest codes and sum them up.
+
+    Returns
+    -------
+    stats : BatchStatistics
+    sq_dist : ndarray of shape (n_samples,)
+        Squared distance of each row to its code.
+    """
+    labels, sq_dist = index.nearest(X, n_jobs=n_jobs, return_sq_dist=True)
+    counts, sums = code_statistics(X, labels, sample_weight, n_codes)
+    loss = float(np.dot(sample_weight, sq_dist))
+    return BatchStatistics(counts, sums, loss, float(sample_weight.sum())), sq_dist
+
+
 def ema_update(counts, sums, codebook, batch_counts, batch_sums, momentum):
     """One EMA step of the code book; returns new arrays, inputs untouched.
 
@@ -170,6 +209,7 @@ def ema_update(counts, sums, codebook, batch_counts, batch_sums, momentum):
 def reseed_dead_codes(codebook, counts, sums, dead, X, sample_weight, sq_dist, rng):
     """Move dead codes onto batch samples, k-means++ style.
 
+    ``(X, sample_weight, sq_dist)`` is the batch, or a weighted sample of it.
     Dead codes, in ascending order, each take a distinct row of ``X`` drawn
     with probability proportional to its weight times its squared distance
     to the code book (``sq_dist``, updated after every pick), from the
@@ -210,3 +250,9 @@ def perplexity(counts):
 def weighted_mean(values, sample_weight):
     """Weighted mean of ``values`` (float64)."""
     return float(np.dot(sample_weight, values) / sample_weight.sum())
+
+
+def weighted_mean_variance(X, sample_weight):
+    """Mean over features of the weighted variance of each feature."""
+    mean = np.average(X, axis=0, weights=sample_weight)
+    return float(np.mean(np.average((X - mean) ** 2, axis=0, weights=sample_weight)))

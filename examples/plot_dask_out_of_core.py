@@ -1,0 +1,110 @@
+"""
+======================================
+Out-of-core fit and encoding with Dask
+======================================
+
+When the data do not fit in memory, give :class:`skvq.VQCodebookTransformer`
+a Dask array.  Each EMA step is then a reduction: every chunk of the batch is
+assigned to its nearest codes and summed where it lives, and only the
+``n_codes x n_features`` statistics travel to the client, which applies the
+update.  Encoding is lazy and runs chunk by chunk.
+
+Here two million points are written to a ``.npy`` file on disk and read
+through a memory map, 100,000 rows per chunk, so that no step ever holds more
+than a few chunks in memory.  The threaded scheduler runs the chunks; to use
+a cluster of machines instead, connect a client before fitting, and the very
+same code runs there::
+
+    from distributed import Client
+    client = Client("tcp://scheduler-address:8786")
+
+(the data must then live where every worker can read it, e.g. a zarr store on
+shared or object storage, opened with ``dask.array.from_zarr``).
+"""
+
+# %%
+# Write a dataset to disk, chunk by chunk
+# ---------------------------------------
+import tempfile
+from pathlib import Path
+from time import perf_counter
+
+import dask.array as da
+import matplotlib.pyplot as plt
+import numpy as np
+
+from skvq import VQCodebookTransformer
+
+tmp = tempfile.TemporaryDirectory()
+path = Path(tmp.name) / "points.npy"
+n_rows, chunk = 2_000_000, 100_000
+rng = np.random.RandomState(0)
+on_disk = np.lib.format.open_memmap(
+    path, mode="w+", dtype=np.float32, shape=(n_rows, 2)
+)
+for start in range(0, n_rows, chunk):
+    # a noisy ring and two elongated blobs
+    angle = rng.uniform(0, 2 * np.pi, chunk)
+    ring = np.c_[np.cos(angle), np.sin(angle)] * (4 + 0.3 * rng.randn(chunk, 1))
+    blob = rng.randn(chunk, 2) * [1.5, 0.3] + [[0, 0]]
+    bar = rng.randn(chunk, 2) * [0.3, 2.0] + [[7, 0]]
+    which = rng.randint(3, size=(chunk, 1))
+    on_disk[start : start + chunk] = np.where(
+        which == 0, ring, np.where(which == 1, blob, bar)
+    )
+on_disk.flush()
+del on_disk
+
+X = da.from_array(np.load(path, mmap_mode="r"), chunks=(chunk, 2))
+print(X)
+
+# %%
+# Fit out of core
+# ---------------
+# Steps of 200,000 rows: each is a reduction over two chunks.  ``fit`` takes
+# the chunks in a new random order each pass; its initialisation reads a
+# bounded random sample of rows, never the whole array.
+vq = VQCodebookTransformer(n_codes=48, batch_size=200_000, max_iter=8, random_state=0)
+start = perf_counter()
+vq.fit(X)
+print(
+    f"fit: {vq.n_iter_} passes, {vq.n_steps_} steps in {perf_counter() - start:.1f} s"
+)
+
+# %%
+# Encode lazily
+# -------------
+# ``predict``, ``transform``, ``inverse_transform`` and ``score`` return lazy
+# Dask arrays; nothing is read until they are computed.
+codes = vq.predict(X)
+usage = da.bincount(codes, minlength=vq.n_codes)
+distortion = -vq.score(X)
+usage, distortion = da.compute(usage, distortion)
+print(codes)
+print(f"distortion {distortion:.4f}, perplexity {vq.perplexity_:.1f} of {vq.n_codes}")
+
+# %%
+# Look at the code book and its usage
+# -----------------------------------
+sample = X[:: n_rows // 100_000].compute()
+fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), width_ratios=[1.3, 1])
+left.hexbin(sample[:, 0], sample[:, 1], gridsize=80, cmap="Greys", bins="log")
+left.scatter(
+    *vq.codebook_.T, s=28, c="tab:red", edgecolor="white", label="code vectors"
+)
+left.set(xlabel="feature 0", ylabel="feature 1", title="Data density and the 48 codes")
+left.set_aspect("equal")
+left.legend(loc="upper left")
+order = np.argsort(usage)[::-1]
+right.bar(np.arange(vq.n_codes), usage[order] / n_rows * 100, color="tab:blue")
+right.axhline(100 / vq.n_codes, color="k", ls="--", lw=1, label="even use")
+right.set(
+    xlabel="code (sorted by use)",
+    ylabel="share of the 2,000,000 points (%)",
+    title="Code usage, computed lazily with Dask",
+)
+right.legend()
+fig.tight_layout()
+plt.show()
+
+tmp.cleanup()

@@ -1,0 +1,306 @@
+"""Dask support: data-parallel EMA steps, lazy encoding, out-of-core fits.
+
+This module is imported only when a Dask array reaches the estimator, so that
+``import skvq`` never imports Dask.  Functions here receive a validated
+estimator (parameters checked) and a Dask array that they validate
+themselves: shape and dtype up front, values (NaN, infinity, negative
+weights) inside the chunk tasks, where any error surfaces when the step is
+computed, before the estimator changes.
+
+An EMA step is a reduction: each chunk of the batch is assigned and summed
+into :class:`~skvq._kernels.BatchStatistics` on the worker that holds it, the
+partial statistics are tree-summed, and the client applies one EMA update.
+Only ``n_codes x n_features`` arrays travel, never the data.
+"""
+
+from functools import partial
+
+import dask
+import dask.array as da
+import numpy as np
+from scipy import sparse
+from sklearn.utils import check_array, check_random_state
+
+from ._kernels import batch_statistics, weighted_mean_variance
+
+# Rows of the weighted sample that a step gathers to re-seed dead codes.
+REASSIGN_SAMPLE = 1024
+# Fan-in of the tree reduction of partial statistics.
+_FAN_IN = 8
+
+
+# ------------------------------------------------------------------ checks
+def _check_array(estimator, X, *, reset):
+    """Shape, dtype and feature-count checks that need no computation."""
+    if X.ndim != 2:
+        raise ValueError(
+            f"Expected a 2D Dask array, got a {X.ndim}D array of shape {X.shape}."
+        )
+    if X.dtype.kind not in "biuf":
+        kind = "Complex data" if X.dtype.kind == "c" else f"dtype {X.dtype}"
+        raise ValueError(f"{kind} not supported: X must hold real numbers.")
+    if np.isnan(X.shape[0]) or any(np.isnan(c) for c in X.chunks[0]):
+        raise ValueError(
+            "The Dask array has unknown chunk sizes; call X.compute_chunk_sizes() "
+            "first."
+        )
+    if X.shape[0] == 0:
+        raise ValueError("Found array with 0 sample(s) (shape=(0, ...)).")
+    n_features = X.shape[1]
+    if reset:
+        estimator.n_features_in_ = n_features
+        estimator.__dict__.pop("feature_names_in_", None)
+    elif n_features != estimator.n_features_in_:
+        raise ValueError(
+            f"X has {n_features} features, but {type(estimator).__name__} is "
+            f"expecting {estimator.n_features_in_} features as input."
+        )
+    if X.dtype not in (np.float32, np.float64):
+        X = X.astype(np.float64)
+    return X.rechunk({1: -1})
+
+
+def _check_weights(sample_weight, X):
+    """Sample weights as a Dask array chunked like the rows of ``X``, or None."""
+    if sample_weight is None:
+        return None
+    if not isinstance(sample_weight, da.Array):
+        sample_weight = np.asarray(sample_weight)
+    if sample_weight.ndim != 1 or sample_weight.shape[0] != X.shape[0]:
+        raise ValueError(
+            f"sample_weight.shape == {sample_weight.shape}, expected ({X.shape[0]},)!"
+        )
+    return da.asarray(sample_weight).rechunk((X.chunks[0],))
+
+
+def _chunk(block, weights):
+    """Validate one chunk (inside its task) and give it weights."""
+    block = check_array(block, dtype=[np.float64, np.float32], input_name="X")
+    if weights is None:
+        return block, np.ones(block.shape[0])
+    weights = check_array(
+        weights, ensure_2d=False, dtype=np.float64, input_name="sample_weight"
+    )
+    if np.any(weights < 0):
+        raise ValueError("Negative values in data passed to `sample_weight`.")
+    return block, weights
+
+
+# -------------------------------------------------------- one step, reduced
+def _chunk_statistics(index, n_codes, block, weights, pool_rows, seed):
+    """Statistics of one chunk, and a weighted sample of it for reassignment."""
+    block, weights = _chunk(block, weights)
+    stats, sq_dist = batch_statistics(index, block, weights, n_codes)
+    if pool_rows == 0 or stats.weight == 0:
+        return stats, None
+    rng = np.random.default_rng(seed)
+    rows = rng.choice(block.shape[0], size=pool_rows, p=weights / stats.weight)
+    pool_weights = np.full(pool_rows, stats.weight / pool_rows)
+    return stats, (block[rows], pool_weights, sq_dist[rows])
+
+
+def _tree_sum(parts):
+    """Tree-reduce delayed (stats, pool) pairs; pools are gathered in a list."""
+    level = parts
+    while True:
+        level = [
+            dask.delayed(_collect)(level[i : i + _FAN_IN])
+            for i in range(0, len(level), _FAN_IN)
+        ]
+        if len(level) == 1:
+            return level[0]
+
+
+def _collect(parts):
+    """Sum the statistics of ``parts`` and gather their (small) pools."""
+    total, pools = None, []
+    for stats, pool in parts:
+        total = stats if total is None else total + stats
+        if pool is None:
+            continue
+        pools.extend(pool if isinstance(pool, list) else [pool])
+    return total, pools
+
+
+def _step(estimator, blocks, weight_blocks, row_counts):
+    """One EMA step over the given chunks (a reduction), applied at the client."""
+    n_rows = sum(row_counts)
+    reassign = estimator.dead_code_threshold > 0
+    index = dask.delayed(estimator._index, pure=True)
+    parts = []
+    for i, (block, weights, rows) in enumerate(
+        zip(blocks, weight_blocks, row_counts, strict=True)
+    ):
+        pool_rows = -(-REASSIGN_SAMPLE * rows // n_rows) if reassign else 0
+        seed = [estimator._seed, estimator.n_steps_, i]
+        parts.append(
+            dask.delayed(_chunk_statistics)(
+                index, estimator.n_codes, block, weights, pool_rows, seed
+            )
+        )
+    stats, pools = dask.compute(_tree_sum(parts))[0]
+    if not stats.weight > 0:
+        raise ValueError("Sample weights must contain at least one non-zero number.")
+    pool = None
+    if pools:
+        pool = tuple(np.concatenate(column) for column in zip(*pools, strict=True))
+    return estimator._apply_statistics(stats, pool)
+
+
+def _blocks(X, sample_weight):
+    blocks = list(X.to_delayed().ravel())
+    if sample_weight is None:
+        return blocks, [None] * len(blocks)
+    return blocks, list(sample_weight.to_delayed().ravel())
+
+
+# --------------------------------------------------------------- fitting
+def _initial_sample(estimator, X, sample_weight, rng):
+    """A bounded random sample of rows to initialise from (never all of X)."""
+    size = estimator._init_size()
+    if X.shape[0] > size:
+        rows = np.sort(rng.choice(X.shape[0], size=size, replace=False))
+        X = X[rows]
+        sample_weight = None if sample_weight is None else sample_weight[rows]
+    X, sample_weight = dask.compute(X, sample_weight)
+    return _chunk(X, sample_weight)
+
+
+def partial_fit(estimator, X, sample_weight):
+    """One EMA step over the whole Dask array (initialising first if needed)."""
+    first = not hasattr(estimator, "codebook_")
+    X = _check_array(estimator, X, reset=first)
+    sample_weight = _check_weights(sample_weight, X)
+    if first:
+        rng = check_random_state(estimator.random_state)
+        estimator._initialize(*_initial_sample(estimator, X, sample_weight, rng), rng)
+    blocks, weight_blocks = _blocks(X, sample_weight)
+    _step(estimator, blocks, weight_blocks, X.chunks[0])
+    return estimator
+
+
+def _passes(estimator, X, sample_weight, rng):
+    """Each pass: chunks in a shuffled order, grouped into steps of <= batch_size."""
+    blocks, weight_blocks = _blocks(X, sample_weight)
+    sizes = X.chunks[0]
+    for _ in range(estimator.max_iter):
+        order = np.arange(len(sizes))
+        if X.shape[0] > estimator.batch_size:
+            order = rng.permutation(len(sizes))
+        groups, group, rows = [], [], 0
+        for k in order:
+            if group and rows + sizes[k] > estimator.batch_size:
+                groups.append(group)
+                group, rows = [], 0
+            group.append(k)
+            rows += sizes[k]
+        groups.append(group)
+        yield [
+            partial(
+                _step,
+                estimator,
+                [blocks[k] for k in g],
+                [weight_blocks[k] for k in g],
+                [sizes[k] for k in g],
+            )
+            for g in groups
+        ]
+
+
+def fit(estimator, X, sample_weight):
+    """``fit`` on a Dask array: the NumPy schedule with chunks as the unit."""
+    X = _check_array(estimator, X, reset=True)
+    sample_weight = _check_weights(sample_weight, X)
+    # No chunk larger than a minibatch (lazy; a no-op for small chunks).
+    if max(X.chunks[0]) > estimator.batch_size:
+        X = X.rechunk({0: estimator.batch_size})
+        if sample_weight is not None:
+            sample_weight = sample_weight.rechunk((X.chunks[0],))
+    rng = check_random_state(estimator.random_state)
+    estimator._initialize(*_initial_sample(estimator, X, sample_weight, rng), rng)
+    variance = 0.0
+    if estimator.tol > 0:
+        variance = weighted_mean_variance(
+            *_initial_sample(estimator, X, sample_weight, rng)
+        )
+    estimator._run_passes(_passes(estimator, X, sample_weight, rng), variance)
+    return estimator
+
+
+# ------------------------------------------------------------ inference
+def predict(estimator, X):
+    X = _check_array(estimator, X, reset=False)
+    return X.map_blocks(
+        _predict_block,
+        estimator,
+        drop_axis=1,
+        dtype=np.int64,
+        meta=np.empty(0, np.int64),
+    )
+
+
+def _predict_block(block, estimator):
+    return estimator.predict(block)
+
+
+def _transform_block(block, estimator):
+    return estimator.transform(block)
+
+
+def transform(estimator, X):
+    X = _check_array(estimator, X, reset=False)
+    encode = estimator.encode
+    if encode == "index":
+        return X.map_blocks(
+            _transform_block, estimator, chunks=(X.chunks[0], (1,)), dtype=np.int64
+        )
+    columns = (X.chunks[0], (estimator.n_codes,))
+    if encode == "onehot":
+        meta = sparse.csr_matrix((0, estimator.n_codes), dtype=X.dtype)
+        return X.map_blocks(
+            _transform_block, estimator, chunks=columns, dtype=X.dtype, meta=meta
+        )
+    return X.map_blocks(_transform_block, estimator, chunks=columns, dtype=X.dtype)
+
+
+def _inverse_block(block, estimator):
+    return estimator.inverse_transform(block)
+
+
+def inverse_transform(estimator, X):
+    if X.ndim not in (1, 2):
+        raise ValueError(f"Expected a 1D or 2D Dask array, got shape {X.shape}.")
+    if X.ndim == 1:
+        X = X[:, None]
+    X = X.rechunk({1: -1})
+    n_features = estimator.codebook_.shape[1]
+    return X.map_blocks(
+        _inverse_block,
+        estimator,
+        chunks=(X.chunks[0], (n_features,)),
+        dtype=estimator.codebook_.dtype,
+        meta=np.empty((0, n_features), dtype=estimator.codebook_.dtype),
+    )
+
+
+def _score_parts(estimator, block, weights):
+    block, weights = _chunk(block, weights)
+    _, sq_dist = estimator._index.nearest(block, return_sq_dist=True)
+    return np.array([np.dot(weights, sq_dist), weights.sum()])
+
+
+def score(estimator, X, sample_weight):
+    """Minus the weighted mean squared distance, as a lazy 0-d Dask array."""
+    X = _check_array(estimator, X, reset=False)
+    sample_weight = _check_weights(sample_weight, X)
+    blocks, weight_blocks = _blocks(X, sample_weight)
+    parts = [
+        da.from_delayed(
+            dask.delayed(_score_parts)(estimator, block, weights),
+            shape=(2,),
+            dtype=np.float64,
+        )
+        for block, weights in zip(blocks, weight_blocks, strict=True)
+    ]
+    total = da.stack(parts).sum(axis=0)
+    return -total[0] / total[1]
