@@ -67,16 +67,33 @@ for name in models:
 # %%
 # Look at the result
 # ------------------
+# The second row zooms on the sky, where 64 colours show as bands.
 shown = ["original", "skvq (EMA)", "MiniBatchKMeans"]
 images = {"original": pixels, **palettes}
-fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-for ax, name in zip(axes, shown, strict=True):
-    ax.imshow(images[name].reshape(height, width, 3))
-    ax.set_axis_off()
+zoom = (slice(0, 160), slice(0, 240))
+fig, axes = plt.subplots(2, 3, figsize=(15, 7.6), height_ratios=[1, 0.7])
+for top, bottom, name in zip(axes[0], axes[1], shown, strict=True):
+    image = images[name].reshape(height, width, 3)
+    top.imshow(image)
+    top.add_patch(
+        plt.Rectangle(
+            (zoom[1].start, zoom[0].start),
+            zoom[1].stop - zoom[1].start,
+            zoom[0].stop - zoom[0].start,
+            fill=False,
+            edgecolor="yellow",
+            lw=1.5,
+        )
+    )
+    bottom.imshow(image[zoom])
+    for ax in (top, bottom):
+        ax.set_xticks([])
+        ax.set_yticks([])
     if name == "original":
-        ax.set_title("Original (96,615 colours)")
+        top.set_title("Original (96,615 colours)")
     else:
-        ax.set_title(f"{name}: {n_colours} colours, distortion {distortion[name]:.2e}")
+        top.set_title(f"{name}: {n_colours} colours, distortion {distortion[name]:.2e}")
+    bottom.set_xlabel("zoom on the yellow box")
 fig.tight_layout()
 
 try:

@@ -550,7 +550,7 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         return validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
 
     def predict(self, X):
-        """Code (index of the nearest code vector) of each sample.
+        """Predict the code (index of the nearest code vector) of each sample.
 
         Parameters
         ----------
@@ -685,7 +685,7 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         return np.asarray(codes, dtype=np.intp)
 
     def score(self, X, y=None, sample_weight=None):
-        """Minus the weighted mean squared distance of X to its nearest codes.
+        """Return minus the weighted mean squared distance of X to its nearest codes.
 
         Higher is better, as :class:`~sklearn.model_selection.GridSearchCV`
         expects.
@@ -717,7 +717,7 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         return -weighted_mean(sq_dist, sample_weight)
 
     def get_feature_names_out(self, input_features=None):
-        """Names of the output columns of :meth:`transform`.
+        """Get the names of the output columns of :meth:`transform`.
 
         Parameters
         ----------
