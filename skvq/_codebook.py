@@ -230,6 +230,11 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
 
     Input of dtype float16, integer or boolean is converted to float64.
 
+    Every method also accepts a Dask array: ``fit`` and ``partial_fit`` then
+    run each step as a reduction of per-chunk statistics on the workers, and
+    ``transform``, ``predict``, ``inverse_transform`` and ``score`` return
+    lazy Dask arrays.  Dask is optional and imported only then.
+
     :meth:`fit` and :meth:`partial_fit` either succeed or leave the estimator
     exactly as it was.  The random draws of reassignment at step ``t`` come
     from ``numpy.random.default_rng([seed, t])`` with a seed fixed at
@@ -328,8 +333,10 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_features)
-            Training data.
+        X : array-like or Dask array of shape (n_samples, n_features)
+            Training data.  A Dask array is processed chunk by chunk where it
+            lives: each step is a reduction of per-chunk statistics, and the
+            chunks are taken in a new random order each pass.
 
         y : Ignored
             Not used, present here for API consistency by convention.
@@ -363,8 +370,9 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_features)
-            The batch.
+        X : array-like or Dask array of shape (n_samples, n_features)
+            The batch.  A Dask array is one batch, summed chunk by chunk on
+            its workers.
 
         y : Ignored
             Not used, present here for API consistency by convention.

@@ -159,7 +159,10 @@ def _initial_sample(estimator, X, sample_weight, rng):
     """A bounded random sample of rows to initialise from (never all of X)."""
     size = estimator._init_size()
     if X.shape[0] > size:
-        rows = np.sort(rng.choice(X.shape[0], size=size, replace=False))
+        # Generator.choice draws `size` distinct rows in O(size) memory;
+        # RandomState.choice would permute all n row indices.
+        generator = np.random.default_rng(rng.randint(np.iinfo(np.int32).max))
+        rows = np.sort(generator.choice(X.shape[0], size=size, replace=False))
         X = X[rows]
         sample_weight = None if sample_weight is None else sample_weight[rows]
     X, sample_weight = dask.compute(X, sample_weight)
