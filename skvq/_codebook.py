@@ -33,6 +33,16 @@ from ._search import _CodebookIndex
 _IMPROVEMENT_RTOL = 1e-9
 
 
+def _checked_weights(sample_weight, X):
+    """Non-negative float64 weights with a positive sum (on every sklearn >= 1.6)."""
+    sample_weight = _check_sample_weight(
+        sample_weight, X, dtype=np.float64, ensure_non_negative=True
+    )
+    if not np.any(sample_weight):
+        raise ValueError("Sample weights must contain at least one non-zero number.")
+    return sample_weight
+
+
 def _is_dask_array(X):
     """Whether ``X`` is a Dask array, without importing Dask."""
     cls = type(X)
@@ -413,10 +423,7 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
 
     def _validate_batch(self, X, sample_weight, *, reset):
         X = validate_data(self, X, dtype=[np.float64, np.float32], reset=reset)
-        sample_weight = _check_sample_weight(
-            sample_weight, X, dtype=np.float64, ensure_non_negative=True
-        )
-        return X, sample_weight
+        return X, _checked_weights(sample_weight, X)
 
     def _initial_codebook(self, X, sample_weight, rng):
         if not isinstance(self.init, str):
@@ -718,9 +725,7 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         if _is_dask_array(X):
             return self._lazy("score", X, sample_weight)
         X = self._validated_query(X)
-        sample_weight = _check_sample_weight(
-            sample_weight, X, dtype=np.float64, ensure_non_negative=True
-        )
+        sample_weight = _checked_weights(sample_weight, X)
         _, sq_dist = self._index.nearest(X, n_jobs=self.n_jobs, return_sq_dist=True)
         return -weighted_mean(sq_dist, sample_weight)
 

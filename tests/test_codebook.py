@@ -254,7 +254,7 @@ def test_onehot_follows_sklearn_sparse_interface():
     X = blobs(30)
     vq = VQCodebookTransformer(n_codes=3, encode="onehot", random_state=0).fit(X)
     with sklearn.config_context(sparse_interface="sparray"):
-        assert isinstance(vq.transform(X), sparse.sparray)
+        assert isinstance(vq.transform(X), sparse.csr_array)
     assert isinstance(vq.transform(X), sparse.spmatrix)
 
 
