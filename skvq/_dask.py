@@ -234,20 +234,18 @@ def fit(estimator, X, sample_weight):
 def predict(estimator, X):
     X = _check_array(estimator, X, reset=False)
     return X.map_blocks(
-        _predict_block,
+        _apply_block,
         estimator,
+        "predict",
         drop_axis=1,
         dtype=np.int64,
         meta=np.empty(0, np.int64),
     )
 
 
-def _predict_block(block, estimator):
-    return estimator.predict(block)
-
-
-def _transform_block(block, estimator):
-    return estimator.transform(block)
+def _apply_block(block, estimator, method):
+    """Run the NumPy ``method`` of the fitted estimator on one block."""
+    return getattr(estimator, method)(block)
 
 
 def transform(estimator, X):
@@ -255,19 +253,26 @@ def transform(estimator, X):
     encode = estimator.encode
     if encode == "index":
         return X.map_blocks(
-            _transform_block, estimator, chunks=(X.chunks[0], (1,)), dtype=np.int64
+            _apply_block,
+            estimator,
+            "transform",
+            chunks=(X.chunks[0], (1,)),
+            dtype=np.int64,
         )
     columns = (X.chunks[0], (estimator.n_codes,))
     if encode == "onehot":
         meta = sparse.csr_matrix((0, estimator.n_codes), dtype=X.dtype)
         return X.map_blocks(
-            _transform_block, estimator, chunks=columns, dtype=X.dtype, meta=meta
+            _apply_block,
+            estimator,
+            "transform",
+            chunks=columns,
+            dtype=X.dtype,
+            meta=meta,
         )
-    return X.map_blocks(_transform_block, estimator, chunks=columns, dtype=X.dtype)
-
-
-def _inverse_block(block, estimator):
-    return estimator.inverse_transform(block)
+    return X.map_blocks(
+        _apply_block, estimator, "transform", chunks=columns, dtype=X.dtype
+    )
 
 
 def inverse_transform(estimator, X):
@@ -278,8 +283,9 @@ def inverse_transform(estimator, X):
     X = X.rechunk({1: -1})
     n_features = estimator.codebook_.shape[1]
     return X.map_blocks(
-        _inverse_block,
+        _apply_block,
         estimator,
+        "inverse_transform",
         chunks=(X.chunks[0], (n_features,)),
         dtype=estimator.codebook_.dtype,
         meta=np.empty((0, n_features), dtype=estimator.codebook_.dtype),

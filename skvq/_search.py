@@ -240,7 +240,6 @@ class _CodebookIndex:
 
     def __init__(self, codebook, algorithm):
         self.codebook = codebook
-        self.algorithm = algorithm
         self.ids = _distinct_code_ids(codebook)
         distinct = codebook if self.ids is None else codebook[self.ids]
         self.codes64 = distinct.astype(np.float64)
