@@ -19,6 +19,7 @@ from sklearn.utils.validation import (
 )
 
 from ._kernels import (
+    LloydBounds,
     batch_statistics,
     ema_update,
     init_codebook,
@@ -49,8 +50,15 @@ def _is_dask_array(X):
     return cls.__name__ == "Array" and cls.__module__.startswith("dask.array")
 
 
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
 # Initialisation never draws from more rows than this (or 3 * n_codes).
 _MAX_INIT_SIZE = 2**16
+
+# fit's first stage holds this many batches (or 3 * n_codes rows), and each
+# stage but the last makes at most _STAGE_STEPS steps (docs/performance.rst).
+_FIRST_STAGE_BATCHES = int(__import__("os").environ.get("SKVQ_FSB", 16))
+_STAGE_STEPS = int(__import__("os").environ.get("SKVQ_SS", 10))
 
 # Chosen from the experiments in docs/health.rst.
 DEFAULT_DEAD_CODE_THRESHOLD = 0.5
@@ -269,15 +277,15 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
     >>> X = np.array([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.1, 5.0]])
     >>> vq = VQCodebookTransformer(n_codes=2, ema_momentum=0.5, random_state=0)
     >>> vq.fit(X).predict([[0.0, 0.2], [4.8, 5.1]]).tolist()
-    [1, 0]
+    [0, 1]
     >>> vq.codebook_.round(3)
-    array([[5.05, 5.  ],
-           [0.05, 0.  ]])
-    >>> vq.n_iter_  # passes until 10 passes brought no improvement
-    25
+    array([[0.05, 0.  ],
+           [5.05, 5.  ]])
+    >>> vq.n_iter_  # Lloyd steps until the assignments stopped changing
+    2
     >>> vq.set_params(encode="onehot-dense").transform([[5.0, 4.9]])
-    array([[1., 0.]])
-    >>> vq.inverse_transform([[0.0, 1.0]])
+    array([[0., 1.]])
+    >>> vq.inverse_transform([[1.0, 0.0]])
     array([[0.05, 0.  ]])
     """
 
@@ -310,7 +318,7 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         algorithm="auto",
         batch_size=1024,
         max_iter=100,
-        tol=0.0,
+        tol=1e-4,
         max_no_improvement=10,
         n_jobs=None,
         random_state=None,
@@ -366,12 +374,17 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
                 return _dask.fit(self, X, sample_weight)
             X, sample_weight = self._validate_batch(X, sample_weight, reset=True)
             rng = check_random_state(self.random_state)
-            self._initialize(X, sample_weight, rng)
+            sizes = self._stage_sizes(X.shape[0])
+            if len(sizes) > 1:  # nested prefixes of one shuffled copy
+                order = rng.permutation(X.shape[0])
+                X, sample_weight = X[order], sample_weight[order]
+            init_rows = max(self._init_size(), min(sizes[0], _MAX_INIT_SIZE))
+            self._initialize(X[: sizes[0]], sample_weight[: sizes[0]], rng, init_rows)
             variance = weighted_mean_variance(X, sample_weight) if self.tol > 0 else 0.0
-            self._run_passes(self._numpy_passes(X, sample_weight, rng), variance)
+            stages = self._stage_steps(X, sample_weight, sizes)
+            self._run_stages(stages, sizes, variance)
         return self
 
-    @_fit_context(prefer_skip_nested_validation=True)
     def partial_fit(self, X, y=None, sample_weight=None):
         """Apply one EMA step on a batch (initialising the code book first).
 
@@ -395,6 +408,7 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         self : object
             Updated estimator.
         """
+        self._validate_params_once()
         with self._unchanged_on_error():
             if _is_dask_array(X):
                 from . import _dask
@@ -421,11 +435,50 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
             self.__dict__.update(saved)
             raise
 
+    def _validate_params_once(self):
+        """``_validate_params``, skipped while the parameters are the same objects.
+
+        ``partial_fit`` is called once per batch of a stream: validating the
+        parameters again each time would cost more than a small step.
+        """
+        current = tuple(getattr(self, name) for name in self._parameter_constraints)
+        validated = self.__dict__.get("_validated_params")
+        if validated is None or any(
+            a is not b for a, b in zip(current, validated, strict=True)
+        ):
+            self._validate_params()
+            self._validated_params = current
+
     def _validate_batch(self, X, sample_weight, *, reset):
-        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=reset)
+        if not reset and self._is_clean_batch(X):
+            # The checks validate_data would make, for a plain float array.
+            n_samples = X.shape[0]
+            if sample_weight is None:
+                return X, np.ones(n_samples)
+            return X, _checked_weights(sample_weight, X)
+        X = validate_data(
+            self, X, dtype=[np.float64, np.float32], order="C", reset=reset
+        )
         return X, _checked_weights(sample_weight, X)
 
-    def _initial_codebook(self, X, sample_weight, rng):
+    def _is_clean_batch(self, X):
+        """Whether ``X`` is a C-contiguous, finite float array of the right width.
+
+        Anything else goes through ``validate_data``, with its usual errors
+        and warnings (feature names included).
+        """
+        return (
+            type(X) is np.ndarray
+            and X.ndim == 2
+            and X.dtype in _FLOAT_DTYPES
+            and X.flags.c_contiguous
+            and X.shape[0] > 0
+            and X.shape[1] == self.n_features_in_
+            and "feature_names_in_" not in self.__dict__
+            and bool(np.isfinite(X).all())
+        )
+
+    def _initial_codebook(self, X, sample_weight, rng, max_rows=None):
         if not isinstance(self.init, str):
             init = check_array(self.init, dtype=np.float64, input_name="init")
             expected = (self.n_codes, X.shape[1])
@@ -435,7 +488,7 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
                     f"(n_codes, n_features) = {expected} was expected."
                 )
             return init
-        init_size = self._init_size()
+        init_size = self._init_size() if max_rows is None else max_rows
         if X.shape[0] > init_size:
             rows = rng.choice(X.shape[0], size=init_size, replace=False)
             X, sample_weight = X[rows], sample_weight[rows]
@@ -456,8 +509,9 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         """Rows that initialisation draws from at most."""
         return max(3 * self.n_codes, min(3 * self.batch_size, _MAX_INIT_SIZE))
 
-    def _initialize(self, X, sample_weight, rng):
-        self.codebook_ = self._initial_codebook(X, sample_weight, rng).astype(X.dtype)
+    def _initialize(self, X, sample_weight, rng, max_rows=None):
+        codebook = self._initial_codebook(X, sample_weight, rng, max_rows)
+        self.codebook_ = codebook.astype(X.dtype)
         self.ema_counts_ = np.ones(self.n_codes)
         self.ema_sum_ = self.codebook_.astype(np.float64)
         self.n_steps_ = 0
@@ -472,28 +526,51 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
     def _build_index(self, codebook):
         return _CodebookIndex(codebook, self.algorithm)
 
-    def _step(self, X, sample_weight):
-        """One EMA step on a validated batch; returns (loss, weight) of the batch."""
-        stats, sq_dist = batch_statistics(
-            self._index, X, sample_weight, self.n_codes, self.n_jobs
-        )
-        return self._apply_statistics(stats, (X, sample_weight, sq_dist))
+    def _step(
+        self, X, sample_weight, momentum=None, scale=None, pool=None, bounds=None
+    ):
+        """One EMA step on a validated batch; returns (loss, weight) of the batch.
 
-    def _apply_statistics(self, stats, reseed_pool):
+        ``momentum`` defaults to ``ema_momentum``.  A ``scale`` marks one of
+        ``fit``'s full steps: the batch statistics are multiplied by it (to
+        express them per ``batch_size`` rows) and only codes that won no
+        weight count as dead.  ``pool`` selects the rows that dead codes are
+        re-seeded from (default: the whole batch); ``bounds`` (a
+        :class:`~skvq._kernels.LloydBounds`) carries distance bounds from one
+        full step on ``X`` to the next.
+        """
+        stats, sq_dist = batch_statistics(
+            self._index, X, sample_weight, self.n_codes, self.n_jobs, bounds
+        )
+        rows = slice(None) if pool is None else pool
+        reseed_pool = (X[rows], sample_weight[rows], sq_dist[rows])
+        return self._apply_statistics(stats, reseed_pool, momentum, scale)
+
+    def _apply_statistics(self, stats, reseed_pool, momentum=None, scale=None):
         """The EMA update from a batch's summed statistics, then reassignment.
 
         ``reseed_pool`` is ``(rows, weights, sq_dist)``: the batch, or a
-        weighted sample of it, from which dead codes are re-seeded.
+        weighted sample of it, from which dead codes are re-seeded.  With a
+        ``scale`` (a full step of ``fit``), the statistics are multiplied by
+        it and a code is dead only when its cell is empty: on all the data, a
+        small count is a small cell, not a code that stopped winning.
         """
+        if momentum is None:
+            momentum = self.ema_momentum
+        batch_counts, batch_sums = stats.counts, stats.sums
+        if scale is not None and scale != 1.0:
+            batch_counts, batch_sums = batch_counts * scale, batch_sums * scale
         counts, sums, codebook = ema_update(
             self.ema_counts_,
             self.ema_sum_,
             self.codebook_,
-            stats.counts,
-            stats.sums,
-            self.ema_momentum,
+            batch_counts,
+            batch_sums,
+            momentum,
         )
         dead = counts < self.dead_code_threshold
+        if scale is not None:
+            dead &= batch_counts == 0
         n_reseeded = 0
         if dead.any():
             rng = np.random.default_rng([self._seed, self.n_steps_])
@@ -512,45 +589,76 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         self.commitment_loss_ = self.commitment_weight * loss
         return loss, stats.weight
 
-    def _numpy_passes(self, X, sample_weight, rng):
-        """Each pass: one step per minibatch of rows, shuffled when X is larger."""
-        n_samples = X.shape[0]
-        batch_size = min(self.batch_size, n_samples)
-        for _ in range(self.max_iter):
-            order = rng.permutation(n_samples) if n_samples > batch_size else None
-            steps = []
-            for start in range(0, n_samples, batch_size):
-                rows = slice(start, start + batch_size)
-                if order is not None:
-                    rows = order[rows]
-                steps.append(partial(self._step, X[rows], sample_weight[rows]))
-            yield steps
+    def _stage_sizes(self, n_samples):
+        """Rows of each stage of ``fit``: doubling prefixes, the last all rows."""
+        if self.batch_size >= n_samples:
+            return [n_samples]
+        first = max(3 * self.n_codes, _FIRST_STAGE_BATCHES * self.batch_size)
+        sizes = [min(first, n_samples)]
+        while sizes[-1] < n_samples:
+            sizes.append(min(2 * sizes[-1], n_samples))
+        return sizes
 
-    def _run_passes(self, passes, mean_variance):
-        """Run the steps of each pass, with per-pass early stopping."""
+    def _stage_steps(self, X, sample_weight, sizes):
+        """One full step (momentum 0, a Lloyd iteration) per stage prefix.
+
+        Statistics are expressed per ``batch_size`` rows; dead codes are
+        re-seeded from the first rows of the prefix.
+        """
+        batch_size = min(self.batch_size, X.shape[0])
+        pool = slice(0, self._init_size())
+        return [
+            partial(
+                self._step,
+                X[:size],
+                sample_weight[:size],
+                0.0,
+                batch_size / size,
+                pool,
+                LloydBounds(X.shape[1], X.dtype),
+            )
+            for size in sizes
+        ]
+
+    def _run_stages(self, stages, sizes, mean_variance):
+        """Full steps on each stage until it settles, then on the next.
+
+        Stage ``s`` of ``n_s`` rows ends when the code book moves less than
+        ``tol * n / n_s`` (scaled by the variance; its sample noise is that
+        much larger) or after ``_STAGE_STEPS`` steps; the last stage ends by
+        :class:`_EarlyStopping`.  ``max_iter`` caps the steps of all stages.
+        """
         stopper = _EarlyStopping(self, mean_variance)
-        for n_pass, steps in enumerate(passes, start=1):
-            start_codebook = self.codebook_
-            reassigned_before = self.n_codes_reassigned_
-            pass_loss = pass_weight = 0.0
-            for step in steps:
-                loss, weight = step()
-                pass_loss += loss * weight
-                pass_weight += weight
-            pass_loss /= pass_weight
-            shift = np.mean((self.codebook_ - start_codebook).astype(np.float64) ** 2)
-            stop = stopper.should_stop(pass_loss, shift)
-            if self.verbose:
-                print(
-                    f"Pass {n_pass}: {self.n_steps_} steps, mean loss "
-                    f"{pass_loss:.6g}, perplexity {self.perplexity_:.4g}, "
-                    f"{self.n_codes_reassigned_ - reassigned_before} codes reassigned"
+        n_steps = 0
+        for stage, (step, size) in enumerate(zip(stages, sizes, strict=True)):
+            last = stage == len(stages) - 1
+            for n_stage_steps in range(1, self.max_iter - n_steps + 1):
+                start_codebook = self.codebook_
+                reassigned_before = self.n_codes_reassigned_
+                loss, _ = step()
+                n_steps += 1
+                shift = float(
+                    np.sum((self.codebook_ - start_codebook).astype(np.float64) ** 2)
                 )
-            if stop:
                 if self.verbose:
-                    print(f"Stopped after pass {n_pass}: {stopper.reason}.")
+                    print(
+                        f"Step {n_steps} (stage {stage + 1}, {size} rows): "
+                        f"distortion {loss:.6g}, perplexity {self.perplexity_:.4g}, "
+                        f"{self.n_codes_reassigned_ - reassigned_before} codes "
+                        "reassigned"
+                    )
+                if last:
+                    if stopper.should_stop(loss, shift):
+                        if self.verbose:
+                            print(f"Stopped after step {n_steps}: {stopper.reason}.")
+                        break
+                elif n_stage_steps >= _STAGE_STEPS or shift <= (
+                    stopper.tol * sizes[-1] / size
+                ):
+                    break
+            if n_steps >= self.max_iter:
                 break
-        self.n_iter_ = n_pass
+        self.n_iter_ = n_steps
 
     # ------------------------------------------------------------ inference
     def _lazy(self, method, *args):
@@ -758,6 +866,7 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
     def __getstate__(self):
         state = dict(super().__getstate__())  # may be the live __dict__
         state.pop("_index", None)  # rebuilt on load: no SciPy object persisted
+        state.pop("_validated_params", None)  # a cache of parameter objects
         return state
 
     def __setstate__(self, state):
@@ -775,7 +884,11 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
 
 
 class _EarlyStopping:
-    """Early-stopping rule of ``fit``, fed the mean loss and shift of each pass."""
+    """Early-stopping rule of ``fit``'s full steps, fed each one's loss and shift.
+
+    ``loss`` is the distortion of the code book before the step, ``shift``
+    the sum over codes of their squared movement in the step.
+    """
 
     def __init__(self, estimator, mean_variance):
         self.max_no_improvement = estimator.max_no_improvement
@@ -791,7 +904,11 @@ class _EarlyStopping:
         else:
             self.n_no_improvement += 1
         if self.tol > 0 and shift <= self.tol:
-            self.reason = f"the code book moved less than tol ({shift:.3g})"
+            self.reason = (
+                "the assignments no longer change"
+                if shift == 0
+                else f"the code book moved less than tol ({shift:.3g})"
+            )
         elif (
             self.max_no_improvement is not None
             and self.n_no_improvement >= self.max_no_improvement

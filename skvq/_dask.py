@@ -122,7 +122,7 @@ def _collect(parts):
     return total, pools
 
 
-def _step(estimator, blocks, weight_blocks, row_counts):
+def _step(estimator, blocks, weight_blocks, row_counts, momentum=None, scale=None):
     """One EMA step over the given chunks (a reduction), applied at the client."""
     n_rows = sum(row_counts)
     reassign = estimator.dead_code_threshold > 0
@@ -144,7 +144,7 @@ def _step(estimator, blocks, weight_blocks, row_counts):
     pool = None
     if pools:
         pool = tuple(np.concatenate(column) for column in zip(*pools, strict=True))
-    return estimator._apply_statistics(stats, pool)
+    return estimator._apply_statistics(stats, pool, momentum, scale)
 
 
 def _blocks(X, sample_weight):
@@ -182,32 +182,40 @@ def partial_fit(estimator, X, sample_weight):
     return estimator
 
 
-def _passes(estimator, X, sample_weight, rng):
-    """Each pass: chunks in a shuffled order, grouped into steps of <= batch_size."""
+def _stages(estimator, X, sample_weight, rng):
+    """``fit``'s stages with chunks as the unit.
+
+    The chunks are taken in one random order; stage ``s`` covers the
+    shortest prefix of that order with at least the stage's rows (see
+    ``VQCodebookTransformer._stage_sizes``), and its full step is one
+    reduction over those chunks.
+    """
     blocks, weight_blocks = _blocks(X, sample_weight)
-    sizes = X.chunks[0]
-    for _ in range(estimator.max_iter):
-        order = np.arange(len(sizes))
-        if X.shape[0] > estimator.batch_size:
-            order = rng.permutation(len(sizes))
-        groups, group, rows = [], [], 0
-        for k in order:
-            if group and rows + sizes[k] > estimator.batch_size:
-                groups.append(group)
-                group, rows = [], 0
-            group.append(k)
-            rows += sizes[k]
-        groups.append(group)
-        yield [
+    sizes = np.asarray(X.chunks[0])
+    order = np.arange(len(sizes))
+    if X.shape[0] > estimator.batch_size:
+        order = rng.permutation(len(sizes))
+    ends = np.cumsum(sizes[order])
+    batch_rows = min(estimator.batch_size, X.shape[0])
+    steps, rows = [], []
+    for target in estimator._stage_sizes(X.shape[0]):
+        count = int(np.searchsorted(ends, target)) + 1
+        if rows and ends[count - 1] == rows[-1]:
+            continue
+        chunks = order[:count]
+        rows.append(int(ends[count - 1]))
+        steps.append(
             partial(
                 _step,
                 estimator,
-                [blocks[k] for k in g],
-                [weight_blocks[k] for k in g],
-                [sizes[k] for k in g],
+                [blocks[k] for k in chunks],
+                [weight_blocks[k] for k in chunks],
+                [int(sizes[k]) for k in chunks],
+                0.0,
+                batch_rows / rows[-1],
             )
-            for g in groups
-        ]
+        )
+    return steps, rows, order
 
 
 def fit(estimator, X, sample_weight):
@@ -220,13 +228,14 @@ def fit(estimator, X, sample_weight):
         if sample_weight is not None:
             sample_weight = sample_weight.rechunk((X.chunks[0],))
     rng = check_random_state(estimator.random_state)
+    steps, rows, _ = _stages(estimator, X, sample_weight, rng)
     estimator._initialize(*_initial_sample(estimator, X, sample_weight, rng), rng)
     variance = 0.0
     if estimator.tol > 0:
         variance = weighted_mean_variance(
             *_initial_sample(estimator, X, sample_weight, rng)
         )
-    estimator._run_passes(_passes(estimator, X, sample_weight, rng), variance)
+    estimator._run_stages(steps, rows, variance)
     return estimator
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import sparse
 
+from ._search import sq_dist_to_codes
+
 # A code whose EMA count falls below this value (after about 35,000 unused
 # steps at momentum 0.99, or one at momentum 0) has its count and sum rescaled
 # together, so that the count never underflows to 0 and the vector is kept.
@@ -18,11 +20,15 @@ COUNT_FLOOR = float(np.sqrt(np.finfo(np.float64).tiny))
 
 
 def canonical_sample(X, sample_weight, values=None):
-    """Collapse duplicate rows and drop zero weights, in lexicographic order.
+    """Collapse duplicate rows and drop zero weights, in a canonical order.
 
     The result depends only on the weighted empirical distribution of
     ``(X, sample_weight)``: not on row order, not on whether a row is repeated
-    ``r`` times or weighted ``r``, not on rows of weight zero.
+    ``r`` times or weighted ``r``, not on rows of weight zero.  Distinct rows
+    are ordered by a hash of their float64 bits (``-0.0`` counted as ``0.0``),
+    which sorts ``n`` integers instead of ``n`` rows; should two distinct
+    rows share a hash, the order is lexicographic instead (also a property
+    of the distinct rows alone).
 
     Returns
     -------
@@ -33,16 +39,54 @@ def canonical_sample(X, sample_weight, values=None):
         the value of each distinct row.
     """
     keep = sample_weight > 0
-    points, inverse = np.unique(X[keep].astype(np.float64), axis=0, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    weights = np.bincount(
-        inverse, weights=sample_weight[keep], minlength=points.shape[0]
-    )
+    rows = X[keep].astype(np.float64)
+    rows += 0.0  # -0.0 + 0.0 == +0.0: equal values get equal bits
+    weights = sample_weight[keep]
+    order, starts = _hash_groups(rows)
+    if order is None:  # two distinct rows share a hash
+        points, inverse = np.unique(rows, axis=0, return_inverse=True)
+        inverse = inverse.reshape(-1)
+    else:
+        points = rows[order[starts]]
+        inverse = np.empty(rows.shape[0], dtype=np.intp)
+        group = np.zeros(rows.shape[0], dtype=np.intp)
+        group[starts[1:]] = 1
+        inverse[order] = np.cumsum(group)
+    weights = np.bincount(inverse, weights=weights, minlength=points.shape[0])
     if values is None:
         return points, weights
     point_values = np.empty(points.shape[0], dtype=values.dtype)
     point_values[inverse] = values[keep]
     return points, weights, point_values
+
+
+# Odd multipliers of the row hash (fixed, so the order is reproducible).
+_HASH_SEED = 0x9E3779B97F4A7C15
+
+
+def _hash_groups(rows):
+    """Rows sorted by hash, and the start of each group of equal rows.
+
+    Returns ``(None, None)`` when two distinct rows share a hash.
+    """
+    n_rows, n_features = rows.shape
+    if n_rows == 0:
+        return np.zeros(0, dtype=np.intp), np.zeros(0, dtype=np.intp)
+    multipliers = (np.arange(1, 2 * n_features, 2, dtype=np.uint64) * _HASH_SEED) | 1
+    bits = rows.view(np.uint64)
+    mixed = bits ^ (bits >> np.uint64(29))
+    mixed *= multipliers
+    key = mixed.sum(axis=1, dtype=np.uint64)
+    key ^= key >> np.uint64(31)
+    order = np.argsort(key, kind="stable")
+    key = key[order]
+    same_key = key[1:] == key[:-1]
+    if same_key.any():
+        tied = np.flatnonzero(same_key)
+        if np.any(rows[order[tied]] != rows[order[tied + 1]]):
+            return None, None
+    starts = np.flatnonzero(np.concatenate(([True], ~same_key)))
+    return order, starts
 
 
 def weighted_draw(weights, size, rng):
@@ -167,8 +211,12 @@ class BatchStatistics:
         )
 
 
-def batch_statistics(index, X, sample_weight, n_codes, n_jobs=None):
+def batch_statistics(index, X, sample_weight, n_codes, n_jobs=None, bounds=None):
     """Assign the rows of ``X`` to their nearest codes and sum them up.
+
+    ``bounds``, a :class:`LloydBounds` kept across the full steps of one
+    stage of ``fit`` on the same ``X``, lets rows that certainly keep their
+    code skip the search.
 
     Returns
     -------
@@ -176,10 +224,66 @@ def batch_statistics(index, X, sample_weight, n_codes, n_jobs=None):
     sq_dist : ndarray of shape (n_samples,)
         Squared distance of each row to its code.
     """
-    labels, sq_dist = index.nearest(X, n_jobs=n_jobs, return_sq_dist=True)
+    if bounds is None:
+        labels, sq_dist = index.nearest(X, n_jobs=n_jobs, return_sq_dist=True)
+    else:
+        labels, sq_dist = bounds.assign(index, X, n_jobs)
     counts, sums = code_statistics(X, labels, sample_weight, n_codes)
     loss = float(np.dot(sample_weight, sq_dist))
     return BatchStatistics(counts, sums, loss, float(sample_weight.sum())), sq_dist
+
+
+class LloydBounds:
+    """Distance bounds that let repeated full steps on one ``X`` skip rows.
+
+    After a step, every row keeps an upper bound on the distance to its code
+    and a lower bound on the distance to every other code.  When the codes
+    then move by ``delta_k``, the triangle inequality moves the bounds by at
+    most the move of the row's code (upper) and the largest move of the
+    others (lower); a row whose upper bound stays below its lower bound
+    certainly keeps its code, and only the other rows are searched again
+    (Hamerly's bounds for k-means, kept here in rigorous floating point:
+    each bound is widened by the rounding error of its computation).  The
+    labels are therefore exactly those of a full search.
+    """
+
+    def __init__(self, n_features, dtype):
+        self.rel = 4 * (n_features + 8) * np.finfo(dtype).eps / 2
+        self.codebook = None
+
+    def assign(self, index, X, n_jobs=None):
+        """Exact nearest codes of the rows of ``X`` and their squared distances."""
+        codebook = index.codebook
+        if self.codebook is None:
+            labels, _, second = index.nearest(
+                X, n_jobs=n_jobs, return_second=True
+            )
+            self.lower = np.sqrt(second)
+        else:
+            labels, redo = self._unsure_rows(codebook)
+            if redo.size:
+                found, _, second = index.nearest(
+                    X[redo], n_jobs=n_jobs, return_second=True
+                )
+                labels[redo] = found
+                self.lower[redo] = np.sqrt(second)
+        sq_dist = sq_dist_to_codes(X, codebook, labels, n_jobs)
+        self.lower *= 1.0 - self.rel
+        self.upper = np.sqrt(sq_dist) * (1.0 + self.rel)
+        self.labels, self.codebook = labels, codebook
+        return labels, sq_dist
+
+    def _unsure_rows(self, codebook):
+        """Labels kept so far, and the rows whose bounds no longer decide."""
+        moved = codebook.astype(np.float64) - self.codebook
+        delta = np.sqrt(np.einsum("ij,ij->i", moved, moved)) * (1.0 + 1e-9)
+        top = int(np.argmax(delta))
+        others = np.delete(delta, top)
+        runner_up = others.max(initial=0.0)
+        other_move = np.where(self.labels == top, runner_up, delta[top])
+        self.lower -= other_move
+        upper = self.upper + delta[self.labels]
+        return self.labels.copy(), np.flatnonzero(~(upper < self.lower))
 
 
 def ema_update(counts, sums, codebook, batch_counts, batch_sums, momentum):
@@ -254,5 +358,8 @@ def weighted_mean(values, sample_weight):
 
 def weighted_mean_variance(X, sample_weight):
     """Mean over features of the weighted variance of each feature."""
-    mean = np.average(X, axis=0, weights=sample_weight)
-    return float(np.mean(np.average((X - mean) ** 2, axis=0, weights=sample_weight)))
+    total = sample_weight.sum()
+    mean = (sample_weight @ X) / total
+    centred = X - mean
+    centred *= centred
+    return float(np.mean((sample_weight @ centred) / total))

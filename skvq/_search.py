@@ -32,9 +32,13 @@ from scipy.spatial import cKDTree
 from sklearn import get_config
 from threadpoolctl import ThreadpoolController
 
-# Elements of one block of the distance matrix in the brute backend: small
-# enough to stay in a core's cache, large enough to amortise the BLAS call.
+# Elements of one block of the score matrix in the brute backend: small
+# enough to stay in a core's L2 cache between the product and the two argmin
+# passes, large enough to amortise the calls (benchmarks/bench.py).
 _BLOCK_ELEMENTS = 2**18
+# Score elements of the smallest task handed to another thread: below this,
+# dispatching costs more than it saves.
+_TASK_ELEMENTS = 2**19
 # Elements of the temporary (rows, codes, features) array in the exact check.
 _EXACT_ELEMENTS = 2**21
 
@@ -98,35 +102,125 @@ def _exact_among(X, codes64, rows, cols):
     return cols[order[first]]
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(name, shape, dtype):
+    """A per-thread reusable buffer: fresh large temporaries page-fault."""
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    key = (name, np.dtype(dtype))
+    buf = buffers.get(key)
+    size = shape[0] * shape[1]
+    if buf is None or buf.size < size:
+        buf = buffers[key] = np.empty(size, dtype=dtype)
+    return buf[:size].reshape(shape)
+
+
 def _sq_dist_to(X, codes, labels):
     """Squared Euclidean distance of each row to its code, as float64.
 
     Differences are taken in the working dtype (exact for nearby values),
     so float32 data gets float32 relative accuracy without cancellation.
     """
-    diff = X - codes[labels]
+    diff = _scratch("difference", X.shape, X.dtype)
+    np.take(codes, labels, axis=0, out=diff)
+    np.subtract(X, diff, out=diff)
     return np.einsum("ij,ij->i", diff, diff).astype(np.float64, copy=False)
 
 
-def _working_memory_rows(row_bytes, n_rows):
-    """Rows whose temporaries fit in scikit-learn's ``working_memory`` (MiB)."""
-    budget = get_config()["working_memory"] * 2**20
+def sq_dist_to_codes(X, codes, labels, n_jobs=None):
+    """``_sq_dist_to`` in blocks of fixed size, on ``n_jobs`` threads."""
+    out = np.empty(X.shape[0], dtype=np.float64)
+    block = max(1, _BLOCK_ELEMENTS // max(1, X.shape[1]))
+
+    def work(start, stop):
+        for lo in range(start, stop, block):
+            hi = min(lo + block, stop)
+            out[lo:hi] = _sq_dist_to(X[lo:hi], codes, labels[lo:hi])
+
+    _run_tasks(work, X.shape[0], block, _n_threads(n_jobs), 4 * block)
+    return out
+
+
+def _working_memory_rows(row_bytes, n_rows, n_threads=1):
+    """Rows whose temporaries, in each of ``n_threads``, fit ``working_memory``."""
+    budget = get_config()["working_memory"] * 2**20 / max(1, n_threads)
     return int(max(1, min(n_rows, budget // max(1, row_bytes))))
-
-
-def _n_threads(n_jobs):
-    """Threads for ``n_jobs``: None means 1, negative values count from all cores."""
-    if n_jobs is None:
-        return 1
-    if n_jobs < 0:
-        return max(1, (os.cpu_count() or 1) + 1 + n_jobs)
-    return max(1, n_jobs)
 
 
 @lru_cache(maxsize=1)
 def _blas_controller():
     # Inspecting the loaded libraries is slow (~0.1 ms): do it once.
-    return ThreadpoolController()
+    return ThreadpoolController().select(user_api="blas")
+
+
+class _BlasHold:
+    """Hold every BLAS library to one thread while any search of ours runs.
+
+    ``threadpoolctl``'s context managers save and restore the limits around
+    one block of code, so overlapping uses from several user threads can
+    restore each other's "1" and leave the process limited.  This hold is
+    reference-counted instead: the first search to enter saves the limits
+    and sets them to 1, the last to leave restores what the first saved.
+    Between the two, :func:`_default_threads` reads the saved limits, so
+    concurrent searches still use the whole machine.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._saved = None
+
+    def limits(self):
+        """The BLAS limits that the user set (not our temporary hold)."""
+        with self._lock:
+            if self._saved is not None:
+                return [n for _, n in self._saved]
+        return [lib.num_threads for lib in _blas_controller().lib_controllers]
+
+    def __enter__(self):
+        with self._lock:
+            if self._depth == 0:
+                libs = _blas_controller().lib_controllers
+                self._saved = [(lib, lib.num_threads) for lib in libs]
+                for lib, n in self._saved:
+                    if n != 1:
+                        lib.set_num_threads(1)
+            self._depth += 1
+        return self
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                for lib, n in self._saved:
+                    if n != 1:
+                        lib.set_num_threads(n)
+                self._saved = None
+
+
+_BLAS_HOLD = _BlasHold()
+
+
+@lru_cache(maxsize=1)
+def _n_cores():
+    # os.cpu_count() costs tens of microseconds here: ask once.
+    return os.cpu_count() or 1
+
+
+def _default_threads():
+    """All cores, capped as threadpoolctl caps BLAS (``threadpool_limits``)."""
+    return max(1, min([_n_cores(), *_BLAS_HOLD.limits()]))
+
+
+def _n_threads(n_jobs):
+    """Threads for ``n_jobs``: None follows the BLAS limits, negative values
+    count from all cores."""
+    if n_jobs is None:
+        return _default_threads()
+    if n_jobs < 0:
+        return max(1, _n_cores() + 1 + n_jobs)
+    return max(1, n_jobs)
 
 
 _POOL_LOCK = threading.Lock()
@@ -142,42 +236,27 @@ def _thread_pool(n_threads):
         return pool
 
 
-_SCRATCH = threading.local()
+def _run_tasks(func, n_rows, block_rows, n_threads, min_task_rows):
+    """Call ``func(start, stop)`` on consecutive row ranges, in ``n_threads``.
 
-
-def _scratch(name, shape, dtype):
-    """A per-thread reusable buffer: fresh large temporaries page-fault."""
-    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
-    key = (name, np.dtype(dtype))
-    buf = buffers.get(key)
-    size = int(np.prod(shape))
-    if buf is None or buf.size < size:
-        buf = buffers[key] = np.empty(size, dtype=dtype)
-    return buf[:size].reshape(shape)
-
-
-def _run_blocks(func, n_rows, block_rows, n_threads):
-    """Call ``func(start, stop)`` on consecutive row blocks, in ``n_threads``.
-
-    Each thread takes every ``n_threads``-th block.  ``func`` writes its
-    results into preallocated arrays, so the outcome does not depend on the
-    threads.  With several threads of ours, BLAS is held to one thread each
-    (NumPy and BLAS release the GIL), which avoids oversubscribing the cores;
-    with one, BLAS keeps its own threads for the products.
+    The rows are cut into at most ``2 * n_threads`` tasks of whole blocks
+    of ``block_rows`` (each at least ``min_task_rows`` rows, so that small
+    calls stay in the calling thread), handed to a persistent pool.  ``func``
+    writes into preallocated arrays, so the outcome does not depend on the
+    threads.  While the pool works, BLAS is held to one thread per worker
+    (NumPy and BLAS release the GIL), which avoids oversubscribing the cores.
     """
-    bounds = [(s, min(s + block_rows, n_rows)) for s in range(0, n_rows, block_rows)]
-    n_threads = min(n_threads, len(bounds))
-
-    def run(part):
-        for start, stop in part:
-            func(start, stop)
-
-    if n_threads <= 1:
-        run(bounds)
+    n_blocks = -(-n_rows // block_rows)
+    n_tasks = min(2 * n_threads, n_blocks, max(1, n_rows // max(1, min_task_rows)))
+    if n_threads <= 1 or n_tasks <= 1:
+        func(0, n_rows)
         return
-    parts = [bounds[i::n_threads] for i in range(n_threads)]
-    with _blas_controller().limit(limits=1, user_api="blas"):
-        list(_thread_pool(n_threads).map(run, parts))
+    per_task = -(-n_blocks // n_tasks) * block_rows
+    bounds = [(s, min(s + per_task, n_rows)) for s in range(0, n_rows, per_task)]
+    with _BLAS_HOLD:
+        pool = _thread_pool(min(n_threads, len(bounds)))
+        for future in [pool.submit(func, *b) for b in bounds]:
+            future.result()
 
 
 class _BrutePrep:
@@ -186,6 +265,9 @@ class _BrutePrep:
     ``product`` has shape ``(n_features + 1, n_codes)``: its first rows hold
     ``-2 e`` and its last row ``||e||^2`` (codes centred), so that
     ``[x - center, 1] @ product`` is ``||e||^2 - 2 x.e`` in a single call.
+    Writing ``[x - center, 1]`` costs no more than the copy that the ones
+    column needs anyway, and it removes the cancellation of the expansion far
+    from the origin.
     """
 
     def __init__(self, codes64, dtype):
@@ -225,6 +307,16 @@ class _BrutePrep:
         augmented[:, n_features] = 1.0
         return np.matmul(augmented, self.product, out=scores), centred
 
+    def margin(self, centred):
+        """Per row: a bound on the rounding error of a difference of two scores,
+        and ``||x - center||^2``."""
+        x_sq = np.einsum("ij,ij->i", centred, centred)
+        margin = np.sqrt(x_sq)
+        margin += self.e_max
+        margin *= margin
+        margin *= 2.0 * self.kappa
+        return margin, x_sq
+
 
 class _CodebookIndex:
     """Search structure for one code book, rebuilt whenever the code book changes.
@@ -245,34 +337,41 @@ class _CodebookIndex:
         self.codes64 = distinct.astype(np.float64)
         n_distinct, n_features = self.codes64.shape
         self._tree = self._prep = None
-        if algorithm == "kd_tree" or (
-            algorithm == "auto" and kd_tree_pays_off(n_features, n_distinct)
-        ):
-            self._tree = cKDTree(self.codes64)
+        self._algorithm = algorithm
         if algorithm != "kd_tree":
             self._prep = _BrutePrep(self.codes64, codebook.dtype)
 
     def _uses_tree(self, n_rows):
         """Whether a query of ``n_rows`` rows goes to the k-d tree."""
-        if self._prep is None:  # algorithm="kd_tree"
-            return True
-        if self._tree is None:  # "brute", or "auto" with a small code book
+        if self._algorithm == "brute":
             return False
         n_distinct, n_features = self.codes64.shape
-        return kd_tree_pays_off(n_features, n_distinct, n_rows)
+        use = self._algorithm == "kd_tree" or kd_tree_pays_off(
+            n_features, n_distinct, n_rows
+        )
+        if use and self._tree is None:  # built on first use only
+            self._tree = cKDTree(self.codes64)
+        return use
 
     # -- nearest code -----------------------------------------------------
-    def nearest(self, X, *, n_jobs=None, return_sq_dist=False):
+    def nearest(self, X, *, n_jobs=None, return_sq_dist=False, return_second=False):
         """Index of the nearest code of every row (and its squared distance).
+
+        With ``return_second``, also a lower bound on the squared distance of
+        each row to every code but its own (0 where none is known: near
+        ties, duplicate codes), which :class:`LloydBounds` uses to skip rows.
 
         Returns
         -------
         labels : ndarray of shape (n_samples,), dtype=intp
         sq_dist : ndarray of shape (n_samples,), float64, or None
+        second : ndarray of shape (n_samples,), float64 (only with
+            ``return_second``)
         """
         n_rows, n_distinct = X.shape[0], self.codes64.shape[0]
         labels = np.empty(n_rows, dtype=np.intp)
         sq_dist = np.empty(n_rows, dtype=np.float64) if return_sq_dist else None
+        second = np.zeros(n_rows) if return_second else None
         n_threads = _n_threads(n_jobs)
         if return_sq_dist:
             codes = self.codes64.astype(X.dtype, copy=False)
@@ -282,41 +381,59 @@ class _CodebookIndex:
             def search(rows):
                 return self._kd_block(rows, n_threads)
 
-            threads_outside = 1
+            tasks = dict(n_threads=1, min_task_rows=n_rows)
         else:
             prep = self._prep
             if prep.dtype != X.dtype:
                 prep = _BrutePrep(self.codes64, X.dtype)
-            block = _working_memory_rows(3 * X.itemsize * n_distinct, n_rows)
-            block = min(block, max(64, _BLOCK_ELEMENTS // n_distinct))
+            row_bytes = X.itemsize * (n_distinct + X.shape[1] + 1)
+            block = _working_memory_rows(row_bytes, n_rows, n_threads)
+            block = min(block, max(16, _BLOCK_ELEMENTS // n_distinct))
 
             def search(rows):
                 return self._brute_block(rows, prep)
 
-            threads_outside = n_threads
+            tasks = dict(n_threads=n_threads, min_task_rows=_TASK_ELEMENTS // n_distinct)
 
         def work(start, stop):
-            rows = X[start:stop]
-            found = search(rows)
-            labels[start:stop] = found if self.ids is None else self.ids[found]
-            if sq_dist is not None:
-                sq_dist[start:stop] = _sq_dist_to(rows, codes, found)
+            for lo in range(start, stop, block):
+                hi = min(lo + block, stop)
+                rows = X[lo:hi]
+                found, lower = search(rows)
+                if self.ids is None:
+                    labels[lo:hi] = found
+                    if second is not None:
+                        second[lo:hi] = lower
+                else:  # duplicate codes tie with the winner: no bound
+                    labels[lo:hi] = self.ids[found]
+                if sq_dist is not None:
+                    sq_dist[lo:hi] = _sq_dist_to(rows, codes, found)
 
-        _run_blocks(work, n_rows, block, threads_outside)
+        _run_tasks(work, n_rows, block, **tasks)
+        if return_second:
+            return labels, sq_dist, second
         return labels, sq_dist
 
     def _brute_block(self, X, prep):
+        """Nearest codes of a block, and lower bounds on the second distances."""
         scores, centred = prep.scores(X)
         labels = scores.argmin(axis=1)
-        if scores.shape[1] == 1:
-            return labels
-        rows = np.arange(X.shape[0])
-        best = scores[rows, labels]
-        scores[rows, labels] = np.inf
-        second = scores[rows, scores.argmin(axis=1)]
-        x_norm = np.sqrt(np.einsum("ij,ij->i", centred, centred))
-        margin = 2.0 * prep.kappa * (x_norm + prep.e_max) ** 2
-        unsure = np.flatnonzero(~(second - best > margin))
+        n_rows, n_codes = scores.shape
+        if n_codes == 1:
+            return labels, np.full(n_rows, np.inf)
+        # Flat positions of each row's best code: take/put on the flat
+        # scores cost far less than 2-D fancy indexing.
+        flat = scores.reshape(-1)
+        offsets = np.arange(0, n_rows * n_codes, n_codes)
+        best = flat.take(labels + offsets)
+        flat.put(labels + offsets, np.inf)
+        second = flat.take(scores.argmin(axis=1) + offsets)
+        margin, x_sq = prep.margin(centred)
+        # ||x - e||^2 = score + ||x - center||^2, each within margin / 2.
+        lower = second.astype(np.float64)
+        lower += x_sq
+        lower -= 2.0 * margin
+        unsure = np.flatnonzero(second - best <= margin)
         if unsure.size:
             # The exact winner is among the codes within the error margin of
             # the computed best (the best itself was set to inf above).
@@ -324,21 +441,27 @@ class _CodebookIndex:
             near[np.arange(unsure.size), labels[unsure]] = True
             cand_rows, cand_cols = np.nonzero(near)
             labels[unsure] = _exact_among(X[unsure], self.codes64, cand_rows, cand_cols)
-        return labels
+            lower[unsure] = 0.0
+        np.maximum(lower, 0.0, out=lower)
+        return labels, lower
 
     def _kd_block(self, X, n_threads):
+        """Nearest codes of a block, and lower bounds on the second distances."""
         if self.codes64.shape[0] == 1:
-            return np.zeros(X.shape[0], dtype=np.intp)
+            return np.zeros(X.shape[0], dtype=np.intp), np.full(X.shape[0], np.inf)
         dist, idx = self._tree.query(X, k=2, workers=n_threads)
         d1, d2 = dist[:, 0] ** 2, dist[:, 1] ** 2
         labels = idx[:, 0].astype(np.intp, copy=False)
         # cKDTree sums squared differences in float64: a relative gap above
         # this bound is a certain winner; anything closer is re-checked.
         unit = np.finfo(np.float64).eps / 2
-        unsure = ~(d2 - d1 > 4 * (X.shape[1] + 4) * unit * d2)
+        rel = 4 * (X.shape[1] + 4) * unit
+        unsure = ~(d2 - d1 > rel * d2)
+        lower = d2 * (1.0 - 2.0 * rel)
         if unsure.any():
             labels[unsure] = _exact_nearest(X[unsure], self.codes64)
-        return labels
+            lower[unsure] = 0.0
+        return labels, lower
 
     # -- all distances ----------------------------------------------------
     def distances(self, X, *, n_jobs=None):
@@ -349,14 +472,17 @@ class _CodebookIndex:
         n_rows, n_codes = X.shape[0], self.codebook.shape[0]
         out = np.empty((n_rows, n_codes), dtype=X.dtype)
         prep = _BrutePrep(self.codebook.astype(np.float64), np.float64)
-        block = _working_memory_rows(24 * n_codes, n_rows)
-        block = min(block, max(64, _BLOCK_ELEMENTS // n_codes))
+        n_threads = _n_threads(n_jobs)
+        block = _working_memory_rows(24 * n_codes, n_rows, n_threads)
+        block = min(block, max(16, _BLOCK_ELEMENTS // n_codes))
 
         def work(start, stop):
-            sq, centred = prep.scores(X[start:stop], scratch=False)
-            sq += np.einsum("ij,ij->i", centred, centred)[:, None]
-            np.maximum(sq, 0.0, out=sq)
-            out[start:stop] = np.sqrt(sq, out=sq)
+            for lo in range(start, stop, block):
+                hi = min(lo + block, stop)
+                sq, centred = prep.scores(X[lo:hi], scratch=False)
+                sq += np.einsum("ij,ij->i", centred, centred)[:, None]
+                np.maximum(sq, 0.0, out=sq)
+                out[lo:hi] = np.sqrt(sq, out=sq)
 
-        _run_blocks(work, n_rows, block, _n_threads(n_jobs))
+        _run_tasks(work, n_rows, block, n_threads, _TASK_ELEMENTS // n_codes)
         return out

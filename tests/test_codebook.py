@@ -107,45 +107,116 @@ def test_first_partial_fit_initialises_then_applies_one_step():
     assert_allclose(vq.ema_counts_, counts, rtol=1e-12)
 
 
-def test_first_partial_fit_equals_fit_with_one_pass():
+def test_fit_with_one_step_at_momentum_zero_equals_first_partial_fit():
     X = blobs(200)
-    params = dict(n_codes=8, random_state=3, max_no_improvement=None)
+    params = dict(n_codes=8, ema_momentum=0.0, random_state=3)
     one_step = VQCodebookTransformer(**params).partial_fit(X)
-    one_pass = VQCodebookTransformer(max_iter=1, **params).fit(X)
-    assert_array_equal(one_step.codebook_, one_pass.codebook_)
-    assert one_step.n_steps_ == one_pass.n_steps_ == 1
+    one_fit_step = VQCodebookTransformer(max_iter=1, **params).fit(X)
+    assert_array_equal(one_step.codebook_, one_fit_step.codebook_)
+    assert_array_equal(one_step.ema_counts_, one_fit_step.ema_counts_)
+    assert one_step.n_steps_ == one_fit_step.n_steps_ == 1
 
 
-@pytest.mark.parametrize(
-    "n_samples, batch_size, max_iter", [(2500, 1000, 3), (100, 1024, 7), (64, 8, 2)]
-)
-def test_fit_makes_max_iter_passes_of_ceil_n_over_batch_steps(
-    n_samples, batch_size, max_iter
-):
-    X = blobs(n_samples)
+def reference_lloyd(X, codebook, n_iter):
+    """Lloyd's algorithm written out: assign, then move each code to its mean."""
+    codebook = codebook.astype(np.float64)
+    for _ in range(n_iter):
+        labels = reference_assign(X, codebook)
+        for k in range(codebook.shape[0]):
+            if np.any(labels == k):
+                codebook[k] = X[labels == k].mean(axis=0)
+    return codebook
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.99])
+@pytest.mark.parametrize("max_iter", [1, 4])
+def test_fit_on_one_batch_is_lloyds_algorithm(momentum, max_iter):
+    # With batch_size >= n_samples and early stopping off, every step of fit
+    # is a full step at momentum 0: exactly a Lloyd iteration.
+    X = blobs(150, centers=4, seed=2)
+    init = X[[0, 1, 2, 3, 4]] + 0.25
     vq = VQCodebookTransformer(
-        n_codes=4, batch_size=batch_size, max_iter=max_iter, max_no_improvement=None
+        n_codes=5,
+        ema_momentum=momentum,
+        init=init,
+        max_iter=max_iter,
+        tol=0,
+        max_no_improvement=None,
+        dead_code_threshold=0,
     ).fit(X)
-    assert vq.n_steps_ == max_iter * int(np.ceil(n_samples / batch_size))
-    assert vq.n_iter_ == max_iter
+    assert vq.n_iter_ == vq.n_steps_ == max_iter
+    assert_allclose(vq.codebook_, reference_lloyd(X, init, max_iter), rtol=1e-12)
+
+
+def test_fit_leaves_the_state_of_a_stream_of_batch_size_rows():
+    X = blobs(3000, seed=4)
+    vq = VQCodebookTransformer(n_codes=6, batch_size=500, random_state=0).fit(X)
+    # Counts are in units of weight per batch_size rows, and the code book
+    # is the ratio of the EMA sums to the counts.
+    assert vq.ema_counts_.sum() == pytest.approx(500)
+    assert_allclose(vq.codebook_, vq.ema_sum_ / vq.ema_counts_[:, None], rtol=1e-12)
+    labels = reference_assign(X, vq.codebook_)
+    assert_allclose(vq.ema_counts_, np.bincount(labels, minlength=6) * 500 / 3000)
+
+
+def test_fit_runs_its_stages_on_doubling_prefixes():
+    vq = VQCodebookTransformer(n_codes=4, batch_size=100)
+    first = max(3 * 4, 16 * 100)
+    assert vq._stage_sizes(50_000) == [first, 2 * first, 4 * first, 8 * first,
+                                       16 * first, 50_000]
+    assert vq._stage_sizes(100) == [100]
+    assert vq.set_params(batch_size=5000)._stage_sizes(4000) == [4000]
+
+
+def test_max_iter_caps_the_steps_of_all_stages():
+    X = blobs(5000, seed=5)
+    vq = VQCodebookTransformer(
+        n_codes=8, batch_size=100, max_iter=3, random_state=0
+    ).fit(X)
+    assert vq.n_iter_ == vq.n_steps_ == 3
+
+
+def test_fit_reaches_kmeans_quality_on_overlapping_blobs():
+    from sklearn.cluster import KMeans
+
+    X = blobs(6000, n_features=8, centers=40, seed=6)
+    vq = VQCodebookTransformer(n_codes=48, batch_size=256, random_state=0).fit(X)
+    km = KMeans(n_clusters=48, n_init=1, random_state=0).fit(X)
+    assert -vq.score(X) <= 1.01 * km.inertia_ / X.shape[0]
+
+
+def test_fit_stops_when_the_assignments_no_longer_change():
+    X = blobs(300, centers=3)
+    vq = VQCodebookTransformer(
+        n_codes=3, max_iter=100, max_no_improvement=None, random_state=0
+    ).fit(X)
+    # Lloyd converges in a few steps; the last one moves no code.
+    assert vq.n_iter_ < 20
+    again = VQCodebookTransformer(
+        n_codes=3, max_iter=vq.n_iter_ + 5, tol=0, max_no_improvement=None,
+        random_state=0,
+    ).fit(X)
+    assert_array_equal(again.codebook_, vq.codebook_)
 
 
 def test_fit_stops_early_when_loss_stops_improving():
     X = blobs(300, centers=3)
     vq = VQCodebookTransformer(
-        n_codes=3, ema_momentum=0.0, max_iter=100, max_no_improvement=3, random_state=0
+        n_codes=3, max_iter=100, tol=0, max_no_improvement=3, random_state=0
     ).fit(X)
-    # Lloyd steps (momentum 0) converge in a few passes; then 3 idle passes.
+    # Converged Lloyd steps bring no improvement: 3 more, then stop.
     assert vq.n_iter_ < 20
-    assert vq.n_steps_ == vq.n_iter_
 
 
 def test_fit_stops_early_by_tol():
-    X = blobs(300, centers=3)
-    vq = VQCodebookTransformer(
-        n_codes=3, max_iter=100, tol=1e-4, max_no_improvement=None, random_state=0
+    X = blobs(3000, centers=30, seed=3)
+    loose = VQCodebookTransformer(
+        n_codes=30, tol=1e-2, max_no_improvement=None, random_state=0
     ).fit(X)
-    assert vq.n_iter_ < 100
+    tight = VQCodebookTransformer(
+        n_codes=30, tol=1e-8, max_no_improvement=None, random_state=0
+    ).fit(X)
+    assert loose.n_iter_ < tight.n_iter_
 
 
 def test_fit_discards_previous_state():

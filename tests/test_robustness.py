@@ -112,12 +112,15 @@ def test_perplexity_is_exp_entropy_of_ema_usage():
     assert 1.0 <= vq.perplexity_ <= 8.0
 
 
-def test_verbose_reports_pass_loss_perplexity_and_reassignments(capsys):
-    VQCodebookTransformer(n_codes=4, max_iter=3, verbose=1, random_state=0).fit(blobs())
+def test_verbose_reports_step_distortion_perplexity_and_reassignments(capsys):
+    X = blobs()
+    VQCodebookTransformer(
+        n_codes=4, max_iter=3, tol=0, verbose=1, random_state=0
+    ).fit(X)
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("Pass 1: 1 steps, mean loss ")
+    assert lines[0].startswith(f"Step 1 (stage 1, {X.shape[0]} rows): distortion ")
     assert "perplexity" in lines[0] and "codes reassigned" in lines[0]
-    assert len([ln for ln in lines if ln.startswith("Pass")]) == 3
+    assert len([ln for ln in lines if ln.startswith("Step")]) == 3
 
 
 # ------------------------------------------------------- numerical safety
