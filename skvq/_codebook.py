@@ -57,8 +57,8 @@ _MAX_INIT_SIZE = 2**16
 
 # fit's first stage holds this many batches (or 3 * n_codes rows), and each
 # stage but the last makes at most _STAGE_STEPS steps (docs/performance.rst).
-_FIRST_STAGE_BATCHES = int(__import__("os").environ.get("SKVQ_FSB", 16))
-_STAGE_STEPS = int(__import__("os").environ.get("SKVQ_SS", 10))
+_FIRST_STAGE_BATCHES = 32
+_STAGE_STEPS = 6
 
 # Chosen from the experiments in docs/health.rst.
 DEFAULT_DEAD_CODE_THRESHOLD = 0.5

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import sparse
 
+from ._rows import hash_groups
+from ._search import _n_threads as n_threads
+from ._search import _run_tasks as run_tasks
 from ._search import sq_dist_to_codes
 
 # A code whose EMA count falls below this value (after about 35,000 unused
@@ -42,7 +45,7 @@ def canonical_sample(X, sample_weight, values=None):
     rows = X[keep].astype(np.float64)
     rows += 0.0  # -0.0 + 0.0 == +0.0: equal values get equal bits
     weights = sample_weight[keep]
-    order, starts = _hash_groups(rows)
+    order, starts = hash_groups(rows)
     if order is None:  # two distinct rows share a hash
         points, inverse = np.unique(rows, axis=0, return_inverse=True)
         inverse = inverse.reshape(-1)
@@ -58,35 +61,6 @@ def canonical_sample(X, sample_weight, values=None):
     point_values = np.empty(points.shape[0], dtype=values.dtype)
     point_values[inverse] = values[keep]
     return points, weights, point_values
-
-
-# Odd multipliers of the row hash (fixed, so the order is reproducible).
-_HASH_SEED = 0x9E3779B97F4A7C15
-
-
-def _hash_groups(rows):
-    """Rows sorted by hash, and the start of each group of equal rows.
-
-    Returns ``(None, None)`` when two distinct rows share a hash.
-    """
-    n_rows, n_features = rows.shape
-    if n_rows == 0:
-        return np.zeros(0, dtype=np.intp), np.zeros(0, dtype=np.intp)
-    multipliers = (np.arange(1, 2 * n_features, 2, dtype=np.uint64) * _HASH_SEED) | 1
-    bits = rows.view(np.uint64)
-    mixed = bits ^ (bits >> np.uint64(29))
-    mixed *= multipliers
-    key = mixed.sum(axis=1, dtype=np.uint64)
-    key ^= key >> np.uint64(31)
-    order = np.argsort(key, kind="stable")
-    key = key[order]
-    same_key = key[1:] == key[:-1]
-    if same_key.any():
-        tied = np.flatnonzero(same_key)
-        if np.any(rows[order[tied]] != rows[order[tied + 1]]):
-            return None, None
-    starts = np.flatnonzero(np.concatenate(([True], ~same_key)))
-    return order, starts
 
 
 def weighted_draw(weights, size, rng):
@@ -117,8 +91,10 @@ def kmeans_plusplus(points, weights, n_codes, rng):
     sq_norms = np.einsum("ij,ij->i", centred, centred)
 
     def sq_dist(idx):
-        cand = centred[idx]
-        d = sq_norms[None, :] - 2.0 * (cand @ centred.T)
+        # In place: fresh temporaries of this size page-fault on every call.
+        d = centred[idx] @ centred.T
+        d *= -2.0
+        d += sq_norms
         d += sq_norms[idx][:, None]
         np.maximum(d, 0.0, out=d)
         d[np.arange(idx.shape[0]), idx] = 0.0
@@ -130,7 +106,8 @@ def kmeans_plusplus(points, weights, n_codes, rng):
     for c in range(1, n_seeds):
         potential = weights * closest
         candidates = weighted_draw(potential, n_trials, rng)
-        dist = np.minimum(sq_dist(candidates), closest[None, :])
+        dist = sq_dist(candidates)
+        np.minimum(dist, closest[None, :], out=dist)
         best = np.argmin(dist @ weights)
         seeds[c] = candidates[best]
         closest = dist[best]
@@ -167,8 +144,13 @@ def init_codebook(X, sample_weight, n_codes, method, rng):
     return points[seeds], points.shape[0]
 
 
-def code_statistics(X, labels, sample_weight, n_codes):
+def code_statistics(X, labels, sample_weight, n_codes, n_jobs=None):
     """Per-code weighted counts and sums of a batch, in float64.
+
+    Large batches are summed in chunks of a fixed number of rows, on
+    ``n_jobs`` threads, and the partial sums are added in chunk order: the
+    result does not depend on the threads, and each chunk is cast to float64
+    while it is in cache.
 
     Returns
     -------
@@ -179,14 +161,40 @@ def code_statistics(X, labels, sample_weight, n_codes):
     """
     n_samples = X.shape[0]
     counts = np.bincount(labels, weights=sample_weight, minlength=n_codes)
+    chunk = _STATISTICS_CHUNK
+    bounds = [(lo, min(lo + chunk, n_samples)) for lo in range(0, n_samples, chunk)]
+    if len(bounds) == 1:
+        return counts, _chunk_sums(X, labels, sample_weight, n_codes)
+    parts = [None] * len(bounds)
+
+    def work(start, stop):
+        for lo in range(start, stop, chunk):
+            parts[lo // chunk] = _chunk_sums(
+                X[lo : lo + chunk], labels[lo : lo + chunk],
+                sample_weight[lo : lo + chunk], n_codes,
+            )
+
+    run_tasks(work, n_samples, chunk, n_threads(n_jobs), 2 * chunk)
+    sums = parts[0]
+    for part in parts[1:]:
+        sums += part
+    return counts, sums
+
+
+# Rows per chunk of the statistics: a fixed number, so that the order of the
+# float64 additions never depends on the threads.
+_STATISTICS_CHUNK = 2**14
+
+
+def _chunk_sums(X, labels, sample_weight, n_codes):
+    n_samples = X.shape[0]
     # Column i of this (n_codes, n_samples) matrix holds w_i at row labels[i]:
     # its product with X scatters the weighted rows onto their codes in one
     # pass, in sample order, with no sort.
     assign = sparse.csc_matrix(
         (sample_weight, labels, np.arange(n_samples + 1)), shape=(n_codes, n_samples)
     )
-    sums = np.asarray(assign @ X.astype(np.float64, copy=False))
-    return counts, sums
+    return np.asarray(assign @ X.astype(np.float64, copy=False))
 
 
 @dataclass(frozen=True)
@@ -228,7 +236,7 @@ def batch_statistics(index, X, sample_weight, n_codes, n_jobs=None, bounds=None)
         labels, sq_dist = index.nearest(X, n_jobs=n_jobs, return_sq_dist=True)
     else:
         labels, sq_dist = bounds.assign(index, X, n_jobs)
-    counts, sums = code_statistics(X, labels, sample_weight, n_codes)
+    counts, sums = code_statistics(X, labels, sample_weight, n_codes, n_jobs)
     loss = float(np.dot(sample_weight, sq_dist))
     return BatchStatistics(counts, sums, loss, float(sample_weight.sum())), sq_dist
 

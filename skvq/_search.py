@@ -32,6 +32,8 @@ from scipy.spatial import cKDTree
 from sklearn import get_config
 from threadpoolctl import ThreadpoolController
 
+from ._rows import hash_groups
+
 # Elements of one block of the score matrix in the brute backend: small
 # enough to stay in a core's L2 cache between the product and the two argmin
 # passes, large enough to amortise the calls (benchmarks/bench.py).
@@ -46,16 +48,17 @@ _EXACT_ELEMENTS = 2**21
 def _distinct_code_ids(codebook):
     """Return the ascending first indices of distinct codes, or None.
 
-    ``None`` means every code is distinct (the common case, detected with one
-    pass: equal rows give equal keys, because every row is reduced the same
-    way).
+    ``None`` means every code is distinct (the common case).
     """
-    probe = np.linspace(1.0, 2.0, codebook.shape[1])
-    key = (codebook * probe).sum(axis=1)
-    key.sort()
-    if not np.any(key[1:] == key[:-1]):
+    rows = codebook.astype(np.float64)
+    rows += 0.0  # -0.0 and 0.0 are equal codes
+    order, starts = hash_groups(rows)
+    if order is None:  # two distinct codes share a hash
+        _, first = np.unique(rows, axis=0, return_index=True)
+    elif starts.shape[0] == codebook.shape[0]:
         return None
-    _, first = np.unique(codebook, axis=0, return_index=True)
+    else:
+        first = order[starts]  # the stable sort lists equal rows in order
     if first.shape[0] == codebook.shape[0]:
         return None
     return np.sort(first)
