@@ -267,6 +267,7 @@ class LloydBounds:
                 X, n_jobs=n_jobs, return_second=True
             )
             self.lower = np.sqrt(second)
+            self.last_searched = X.shape[0]
         else:
             labels, redo = self._unsure_rows(codebook)
             if redo.size:
@@ -275,6 +276,7 @@ class LloydBounds:
                 )
                 labels[redo] = found
                 self.lower[redo] = np.sqrt(second)
+            self.last_searched = redo.size
         sq_dist = sq_dist_to_codes(X, codebook, labels, n_jobs)
         self.lower *= 1.0 - self.rel
         self.upper = np.sqrt(sq_dist) * (1.0 + self.rel)

@@ -64,19 +64,17 @@ def _distinct_code_ids(codebook):
     return np.sort(first)
 
 
-def kd_tree_pays_off(n_features, n_codes, n_rows=None):
+def kd_tree_pays_off(n_features, n_codes):
     """The ``algorithm="auto"`` rule, measured with ``benchmarks/auto_rule.py``.
 
-    The k-d tree beats blocked products when the code book is large for its
-    dimension, ``n_codes >= 2 ** (7 + n_features / 4)`` (181 codes at 2
-    features, 256 at 4, 512 at 8, 1024 at 12, 2048 at 16; never above 16
-    features), and the query is large enough to amortise its overhead
-    (``n_rows >= 2048`` or ``n_codes >= 1024``).  ``n_rows=None`` asks only
-    whether the tree is worth building.
+    The k-d tree beats the blocked products by a margin on both machines
+    measured (an Intel Skylake-X and an AMD EPYC, see the Performance page)
+    only for large code books in few dimensions: ``n_codes >= 1024`` with
+    at most 12 features, or ``n_codes >= 4096`` with at most 16.
     """
-    if n_features > 16 or n_codes < 2 ** (7 + n_features / 4):
+    if n_features > 16:
         return False
-    return n_rows is None or n_rows >= 2048 or n_codes >= 1024
+    return n_codes >= (1024 if n_features <= 12 else 4096)
 
 
 def _exact_nearest(X, codes64):
@@ -329,8 +327,7 @@ class _CodebookIndex:
     codebook : ndarray of shape (n_codes, n_features)
         The code vectors, float32 or float64.
     algorithm : {"auto", "kd_tree", "brute"}
-        The backend; ``"auto"`` applies :func:`kd_tree_pays_off` to each
-        query.
+        The backend; ``"auto"`` applies :func:`kd_tree_pays_off`.
     """
 
     def __init__(self, codebook, algorithm):
@@ -344,15 +341,15 @@ class _CodebookIndex:
         if algorithm != "kd_tree":
             self._prep = _BrutePrep(self.codes64, codebook.dtype)
 
-    def _uses_tree(self, n_rows):
-        """Whether a query of ``n_rows`` rows goes to the k-d tree."""
+    def _uses_tree(self):
+        """Whether queries go to the k-d tree (built on first use)."""
         if self._algorithm == "brute":
             return False
         n_distinct, n_features = self.codes64.shape
         use = self._algorithm == "kd_tree" or kd_tree_pays_off(
-            n_features, n_distinct, n_rows
+            n_features, n_distinct
         )
-        if use and self._tree is None:  # built on first use only
+        if use and self._tree is None:
             self._tree = cKDTree(self.codes64)
         return use
 
@@ -378,7 +375,7 @@ class _CodebookIndex:
         n_threads = _n_threads(n_jobs)
         if return_sq_dist:
             codes = self.codes64.astype(X.dtype, copy=False)
-        if self._uses_tree(n_rows):
+        if self._uses_tree():
             block = _working_memory_rows(8 * X.shape[1] + 64, n_rows)
 
             def search(rows):

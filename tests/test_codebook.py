@@ -512,25 +512,21 @@ def test_grid_search_prefers_more_codes_by_score():
 
 
 @pytest.mark.parametrize(
-    "n_features, n_codes, n_rows, expected",
+    "n_features, n_codes, expected",
     [
-        (2, 181, None, False),
-        (2, 182, None, True),
-        (4, 256, 100_000, True),
-        (4, 255, 100_000, False),
-        (8, 512, 2048, True),
-        (8, 512, 2047, False),
-        (8, 1024, 10, True),
-        (16, 2048, 5000, True),
-        (17, 100_000, 100_000, False),
+        (2, 1023, False),
+        (2, 1024, True),
+        (12, 1024, True),
+        (13, 1024, False),
+        (13, 4096, True),
+        (16, 4096, True),
+        (17, 100_000, False),
     ],
 )
-def test_auto_rule_follows_the_documented_thresholds(
-    n_features, n_codes, n_rows, expected
-):
+def test_auto_rule_follows_the_documented_thresholds(n_features, n_codes, expected):
     from skvq._search import kd_tree_pays_off
 
-    assert kd_tree_pays_off(n_features, n_codes, n_rows) is expected
+    assert kd_tree_pays_off(n_features, n_codes) is expected
 
 
 def test_predict_never_materialises_the_full_distance_matrix():

@@ -304,3 +304,44 @@ def test_float16_integer_and_boolean_input_is_computed_in_float64(dtype):
     assert vq.codebook_.dtype == np.float64
     assert vq.transform(X).dtype == np.float64
     assert vq.predict(X).shape == (200,)
+
+
+# ------------------------------------------------------ partial_fit checks
+def test_partial_fit_validates_parameters_changed_after_fitting():
+    from sklearn.utils._param_validation import InvalidParameterError
+
+    vq = fitted()
+    vq.partial_fit(blobs())
+    vq.set_params(ema_momentum=1.5)
+    with pytest.raises(InvalidParameterError, match="ema_momentum"):
+        vq.partial_fit(blobs())
+
+
+def test_partial_fit_warns_on_an_array_after_fitting_on_named_features():
+    pd = pytest.importorskip("pandas")
+    X = blobs()
+    vq = VQCodebookTransformer(n_codes=4, random_state=0)
+    vq.fit(pd.DataFrame(X, columns=["a", "b", "c", "d"]))
+    with pytest.warns(UserWarning, match="feature names"):
+        vq.partial_fit(X)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (np.full((5, 4), np.nan), "NaN"),
+        (np.ones((5, 3)), "features"),
+        (np.ones((5, 4), dtype=np.float32)[:, ::1].T.copy().T, None),
+        (np.asfortranarray(np.ones((5, 4))), None),
+    ],
+)
+def test_partial_fit_on_a_fitted_estimator_checks_every_batch(bad, message):
+    vq = fitted(n_codes=3)
+    if message is None:  # non-contiguous or Fortran-ordered: accepted
+        vq.partial_fit(bad)
+        assert vq.n_steps_ > 1
+        return
+    before = pickle.dumps(vq)
+    with pytest.raises(ValueError, match=message):
+        vq.partial_fit(bad)
+    assert pickle.dumps(vq) == before

@@ -1,0 +1,172 @@
+"""Threads: the default thread count, BLAS limits, concurrent calls, bounds."""
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from numpy.testing import assert_array_equal
+from sklearn.datasets import make_blobs
+from threadpoolctl import threadpool_info, threadpool_limits
+
+import skvq._search as search
+from skvq import VQCodebookTransformer
+from skvq._kernels import LloydBounds, canonical_sample
+from skvq._search import _CodebookIndex
+
+
+def blas_threads():
+    return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+
+def data(n=20_000, n_features=8, seed=0):
+    X, _ = make_blobs(n, n_features=n_features, centers=20, random_state=seed)
+    return X.astype(np.float32)
+
+
+def test_default_threads_follow_threadpool_limits():
+    with threadpool_limits(limits=1, user_api="blas"):
+        assert search._n_threads(None) == 1
+    with threadpool_limits(limits=2, user_api="blas"):
+        assert search._n_threads(None) == min(2, search._n_cores())
+    assert search._n_threads(None) == min([search._n_cores(), *blas_threads()])
+
+
+def test_one_blas_thread_keeps_skvq_in_the_calling_thread(monkeypatch):
+    X = data()
+    vq = VQCodebookTransformer(n_codes=64, algorithm="brute", random_state=0)
+    vq.fit(X[:2000])
+    expected = vq.predict(X)
+
+    def no_pool(n_threads):
+        raise AssertionError("the thread pool was used under a limit of 1")
+
+    monkeypatch.setattr(search, "_thread_pool", no_pool)
+    with threadpool_limits(limits=1):
+        assert_array_equal(vq.predict(X), expected)
+
+
+def test_concurrent_predicts_agree_and_leave_blas_settings_alone():
+    X = data(60_000)
+    vq = VQCodebookTransformer(
+        n_codes=128, algorithm="brute", n_jobs=-1, random_state=0
+    ).fit(X[:5000])
+    expected = vq.predict(X)
+    before = blas_threads()
+    start = threading.Barrier(8)
+
+    def call(_):
+        start.wait()
+        return vq.predict(X)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(call, range(8)))
+    for codes in results:
+        assert_array_equal(codes, expected)
+    assert blas_threads() == before
+
+
+def test_concurrent_fits_give_the_codebooks_of_sequential_fits():
+    X = data(40_000)
+    params = dict(n_codes=32, batch_size=512, random_state=0)
+    expected = VQCodebookTransformer(**params).fit(X).codebook_
+    before = blas_threads()
+    with ThreadPoolExecutor(4) as pool:
+        fits = list(
+            pool.map(lambda _: VQCodebookTransformer(**params).fit(X), range(4))
+        )
+    for vq in fits:
+        assert_array_equal(vq.codebook_, expected)
+    assert blas_threads() == before
+
+
+def test_the_blas_hold_is_released_when_a_search_fails(monkeypatch):
+    X = data(60_000)
+    vq = VQCodebookTransformer(n_codes=64, algorithm="brute", n_jobs=2)
+    vq.fit(X[:3000])
+    before = blas_threads()
+
+    def broken(self, X, prep):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(_CodebookIndex, "_brute_block", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        vq.predict(X)
+    assert blas_threads() == before
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2, None])
+def test_fit_does_not_depend_on_the_thread_count(n_jobs):
+    X = data(50_000)
+    params = dict(n_codes=40, batch_size=256, random_state=0)
+    reference = VQCodebookTransformer(n_jobs=1, **params).fit(X)
+    vq = VQCodebookTransformer(n_jobs=n_jobs, **params).fit(X)
+    assert_array_equal(vq.codebook_, reference.codebook_)
+    assert_array_equal(vq.ema_counts_, reference.ema_counts_)
+
+
+# ----------------------------------------------------------- Lloyd bounds
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lloyd_bounds_give_the_labels_of_a_full_search(dtype):
+    rng = np.random.RandomState(0)
+    X = data(5000, n_features=5).astype(dtype)
+    codes = X[rng.choice(5000, 30, replace=False)].astype(dtype)
+    bounds = LloydBounds(5, dtype)
+    n_searched = []
+    for step in range(8):
+        index = _CodebookIndex(codes, "brute")
+        labels, sq_dist = bounds.assign(index, X)
+        full, full_sq = index.nearest(X, return_sq_dist=True)
+        assert_array_equal(labels, full)
+        assert_array_equal(sq_dist, full_sq)
+        if step:
+            n_searched.append(bounds.last_searched)
+        # Small moves (the tail of Lloyd's algorithm), and now and then a
+        # large one (a re-seeded code), after which every row is unsure.
+        moved = codes + rng.normal(scale=1e-3, size=codes.shape).astype(dtype)
+        if step == 4:
+            moved[0] += 5.0
+        codes = moved
+    assert max(n_searched[:3]) < 0.1 * X.shape[0]
+    assert n_searched[4] > 0.5 * X.shape[0]
+
+
+def test_lloyd_bounds_search_again_after_duplicate_codes():
+    X = data(2000, n_features=3)
+    codes = X[:10].copy()
+    codes[3] = codes[2]  # a duplicate ties with its twin: no bound
+    bounds = LloydBounds(3, X.dtype)
+    index = _CodebookIndex(codes, "brute")
+    bounds.assign(index, X)
+    moved = codes + 1e-4
+    labels, _ = bounds.assign(_CodebookIndex(moved, "brute"), X)
+    assert_array_equal(labels, _CodebookIndex(moved, "brute").nearest(X)[0])
+
+
+# ------------------------------------------------------- canonical order
+def test_canonical_sample_merges_signed_zeros_and_duplicates():
+    X = np.array([[0.0, 1.0], [-0.0, 1.0], [2.0, 3.0], [2.0, 3.0], [5.0, 5.0]])
+    w = np.array([1.0, 2.0, 1.0, 1.0, 0.0])
+    points, weights = canonical_sample(X, w)
+    order = np.lexsort(points.T[::-1])
+    assert_array_equal(points[order], [[0.0, 1.0], [2.0, 3.0]])
+    assert_array_equal(weights[order], [3.0, 2.0])
+
+
+def test_canonical_sample_order_ignores_row_order_and_hash_collisions(monkeypatch):
+    rng = np.random.RandomState(1)
+    X = rng.randint(0, 4, size=(300, 3)).astype(float)
+    w = rng.uniform(size=300)
+    points, weights = canonical_sample(X, w)
+    perm = rng.permutation(300)
+    points_p, weights_p = canonical_sample(X[perm], w[perm])
+    assert_array_equal(points_p, points)
+    np.testing.assert_allclose(weights_p, weights)
+    # Should two distinct rows share a hash, the order becomes lexicographic.
+    import skvq._kernels as kernels
+
+    monkeypatch.setattr(kernels, "hash_groups", lambda rows: (None, None))
+    points_c, weights_c = canonical_sample(X[perm], w[perm])
+    unique, inverse = np.unique(X, axis=0, return_inverse=True)
+    assert_array_equal(points_c, unique)
+    np.testing.assert_allclose(weights_c, np.bincount(inverse.ravel(), weights=w))
