@@ -99,7 +99,8 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
 
     dead_code_threshold : float, default=0.5
         A code whose EMA count ``ema_counts_`` falls below this value after a
-        step is *dead* and is re-seeded from that step's batch: dead codes, in
+        step is *dead* and is re-seeded from that step's batch (in the full
+        steps of :meth:`fit`, only codes whose cell is empty): dead codes, in
         order, each take a sample drawn with probability proportional to its
         weight times its squared distance to the code book (k-means++ style,
         so poorly served regions get codes), and restart with ``n_k = 1``,
@@ -120,8 +121,10 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
 
         Both strategies draw from the distinct rows of positive weight in a
         canonical order, so the result depends only on the weighted empirical
-        distribution (and on ``random_state``).  ``fit`` draws from at most
-        ``max(3 * n_codes, min(3 * batch_size, 65536))`` rows.
+        distribution (and on ``random_state``).  ``fit`` draws from its first
+        stage (at most 65,536 rows, see :meth:`fit`), ``partial_fit`` from at
+        most ``max(3 * n_codes, min(3 * batch_size, 65536))`` rows of its
+        first batch.
 
     encode : {"index", "onehot", "onehot-dense", "distance"}, default="index"
         What :meth:`transform` returns.
@@ -146,43 +149,50 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
           update.
         - ``"brute"``: blocked BLAS products, with a rigorous error bound and
           an exact re-check of near ties.
-        - ``"auto"``: ``"kd_tree"`` when the code book is large for its
-          dimension, ``n_codes >= 2 ** (7 + n_features / 4)`` with at most 16
-          features, and the query has at least 2048 rows or
-          ``n_codes >= 1024``; ``"brute"`` otherwise.  The rule comes from
-          measurements on a 2-core machine (see the Performance page).
+        - ``"auto"``: ``"kd_tree"`` for large code books in few dimensions,
+          ``n_codes >= 1024`` with at most 12 features or
+          ``n_codes >= 4096`` with at most 16; ``"brute"`` otherwise.  The
+          rule holds on the Intel and AMD machines measured (see the
+          Performance page).
 
     batch_size : int, default=1024
-        Number of samples per EMA step in :meth:`fit`.
+        The number of rows of a stream's batch: the unit of ``ema_counts_``
+        (weight per ``batch_size`` rows, also after :meth:`fit`) and of the
+        dead-code threshold.  :meth:`fit` starts on ``32 * batch_size`` rows
+        and is plain Lloyd's algorithm when ``batch_size >= n_samples``.
 
     max_iter : int, default=100
-        Maximum number of passes over the data in :meth:`fit`.
+        Maximum number of steps of :meth:`fit`, all stages together.
 
-    tol : float, default=0.0
-        Early stopping of :meth:`fit` when the mean squared movement of the
-        code vectors in one step, divided by the mean feature variance of
-        ``X``, is at most ``tol``.  ``0`` disables this criterion.
+    tol : float, default=1e-4
+        Early stopping of :meth:`fit` when one step on all the rows moves the
+        code book by at most ``tol`` times the mean feature variance of
+        ``X`` (the sum over codes of their squared movement, as in
+        :class:`~sklearn.cluster.KMeans`); a step that changes no assignment
+        always stops it.  Earlier stages use ``tol * n_samples / n_stage``.
+        ``0`` disables this criterion.
 
     max_no_improvement : int or None, default=10
-        Early stopping of :meth:`fit` after this many consecutive steps
-        without improvement of the smoothed batch loss.  ``None`` disables
-        this criterion.
+        Early stopping of :meth:`fit` after this many consecutive steps on all
+        the rows without a lower distortion.  ``None`` disables this
+        criterion.
 
     n_jobs : int, default=None
-        Number of threads of the nearest-code search over blocks of rows.
-        ``None`` or ``1`` runs one thread, whose BLAS products may use BLAS's
-        own threads (the fastest choice for batches of a few thousand
-        rows); ``-1`` uses all processors (the fastest choice for large
-        :meth:`predict` and :meth:`transform` calls).  Results do not depend
-        on it.
+        Number of threads of the nearest-code search and of the statistics.
+        ``None`` uses every core, capped by the BLAS thread limit seen by
+        :mod:`threadpoolctl` (so ``threadpool_limits`` caps it);
+        ``-1`` uses every core.  Small calls stay in the calling thread.
+        Results do not depend on it, and concurrent calls from several
+        threads are safe.
 
     random_state : int, RandomState instance or None, default=None
         Determines the initialisation and the shuffling of minibatches.  Pass
         an int for reproducible results.
 
     verbose : int, default=0
-        Verbosity: ``1`` prints one line per pass of :meth:`fit` (pass,
-        steps, mean batch loss, perplexity, codes reassigned).
+        Verbosity: ``1`` prints one line per step of :meth:`fit` (stage and
+        its rows, distortion before the step, perplexity, codes reassigned)
+        and the reason it stopped.
 
     Attributes
     ----------
@@ -201,7 +211,7 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         Number of EMA updates applied since the code book was initialised.
 
     n_iter_ : int
-        Number of passes over the data made by the last :meth:`fit`.
+        Number of steps made by the last :meth:`fit`, all stages together.
 
     n_codes_reassigned_ : int
         Number of codes re-seeded since the code book was initialised.
@@ -253,6 +263,12 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
     ``transform``, ``predict``, ``inverse_transform`` and ``score`` return
     lazy Dask arrays.  Dask is optional and imported only then.
 
+    :meth:`fit` runs Lloyd iterations (EMA steps at momentum 0 on whole
+    stages) on nested, doubling prefixes of the shuffled rows [4]_, with
+    rigorous distance bounds that spare the search of rows that certainly
+    keep their code [5]_; :meth:`partial_fit` is the plain EMA rule.  See the
+    User Guide for the schedule.
+
     :meth:`fit` and :meth:`partial_fit` either succeed or leave the estimator
     exactly as it was.  The random draws of reassignment at step ``t`` come
     from ``numpy.random.default_rng([seed, t])`` with a seed fixed at
@@ -269,6 +285,9 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
        High-Fidelity Images with VQ-VAE-2", NeurIPS 2019.
     .. [3] D. Arthur and S. Vassilvitskii, "k-means++: the advantages of
        careful seeding", SODA 2007.
+    .. [4] J. Newling and F. Fleuret, "Nested Mini-Batch K-Means",
+       NeurIPS 2016.
+    .. [5] G. Hamerly, "Making k-means even faster", SDM 2010.
 
     Examples
     --------
@@ -342,12 +361,17 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
     # ------------------------------------------------------------------ fit
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None, sample_weight=None):
-        """Learn the code book from scratch, in minibatch EMA steps.
+        """Learn the code book from scratch, at k-means quality.
 
-        Discards any previous state, initialises the code book from ``X``,
-        then makes up to ``max_iter`` passes over ``X`` in minibatches of
-        ``batch_size`` rows (shuffled when ``X`` has more rows than
-        ``batch_size``), one EMA step per minibatch.
+        Discards any previous state.  When ``X`` has more rows than
+        ``batch_size``, shuffles its rows once and works on doubling prefixes
+        of them (stages), the first of ``32 * batch_size`` rows, the last all
+        of ``X``; initialises the code book from the first stage, then makes
+        EMA steps at momentum 0 on each whole stage (each a Lloyd iteration),
+        at most 6 per stage before the last, until the stopping rules of
+        ``tol`` and ``max_no_improvement``, or ``max_iter`` steps in all.
+        The counts and sums it leaves are expressed per ``batch_size`` rows,
+        so that :meth:`partial_fit` continues from them as from a stream.
 
         Parameters
         ----------

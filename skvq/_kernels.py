@@ -170,8 +170,10 @@ def code_statistics(X, labels, sample_weight, n_codes, n_jobs=None):
     def work(start, stop):
         for lo in range(start, stop, chunk):
             parts[lo // chunk] = _chunk_sums(
-                X[lo : lo + chunk], labels[lo : lo + chunk],
-                sample_weight[lo : lo + chunk], n_codes,
+                X[lo : lo + chunk],
+                labels[lo : lo + chunk],
+                sample_weight[lo : lo + chunk],
+                n_codes,
             )
 
     run_tasks(work, n_samples, chunk, n_threads(n_jobs), 2 * chunk)
@@ -187,7 +189,20 @@ _STATISTICS_CHUNK = 2**14
 
 
 def _chunk_sums(X, labels, sample_weight, n_codes):
+    """Weighted sums of the rows of each code, in sample order, in float64."""
     n_samples = X.shape[0]
+    if n_samples <= _SMALL_CHUNK:
+        # Sorting a few labels beats building a sparse matrix.
+        order = np.argsort(labels, kind="stable")
+        sorted_labels = labels[order]
+        starts = np.flatnonzero(
+            np.concatenate(([True], sorted_labels[1:] != sorted_labels[:-1]))
+        )
+        weighted = X[order].astype(np.float64)
+        weighted *= sample_weight[order, None]
+        sums = np.zeros((n_codes, X.shape[1]))
+        sums[sorted_labels[starts]] = np.add.reduceat(weighted, starts, axis=0)
+        return sums
     # Column i of this (n_codes, n_samples) matrix holds w_i at row labels[i]:
     # its product with X scatters the weighted rows onto their codes in one
     # pass, in sample order, with no sort.
@@ -195,6 +210,10 @@ def _chunk_sums(X, labels, sample_weight, n_codes):
         (sample_weight, labels, np.arange(n_samples + 1)), shape=(n_codes, n_samples)
     )
     return np.asarray(assign @ X.astype(np.float64, copy=False))
+
+
+# Up to this many rows, the sums of a chunk go through a sort.
+_SMALL_CHUNK = 4096
 
 
 @dataclass(frozen=True)
@@ -263,9 +282,7 @@ class LloydBounds:
         """Exact nearest codes of the rows of ``X`` and their squared distances."""
         codebook = index.codebook
         if self.codebook is None:
-            labels, _, second = index.nearest(
-                X, n_jobs=n_jobs, return_second=True
-            )
+            labels, _, second = index.nearest(X, n_jobs=n_jobs, return_second=True)
             self.lower = np.sqrt(second)
             self.last_searched = X.shape[0]
         else:

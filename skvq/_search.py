@@ -37,7 +37,7 @@ from ._rows import hash_groups
 # Elements of one block of the score matrix in the brute backend: small
 # enough to stay in a core's L2 cache between the product and the two argmin
 # passes, large enough to amortise the calls (benchmarks/bench.py).
-_BLOCK_ELEMENTS = 2**18
+_BLOCK_ELEMENTS = 2**20
 # Score elements of the smallest task handed to another thread: below this,
 # dispatching costs more than it saves.
 _TASK_ELEMENTS = 2**19
@@ -45,18 +45,27 @@ _TASK_ELEMENTS = 2**19
 _EXACT_ELEMENTS = 2**21
 
 
+@lru_cache(maxsize=8)
+def _probe(n_features):
+    return np.linspace(1.0, 2.0, n_features)
+
+
 def _distinct_code_ids(codebook):
     """Return the ascending first indices of distinct codes, or None.
 
-    ``None`` means every code is distinct (the common case).
+    ``None`` means every code is distinct (the common case, detected with one
+    product: equal rows give equal keys, because every row is reduced the
+    same way); only when two keys are equal are the rows compared exactly.
     """
+    key = codebook @ _probe(codebook.shape[1])
+    key.sort()
+    if not np.any(key[1:] == key[:-1]):
+        return None
     rows = codebook.astype(np.float64)
     rows += 0.0  # -0.0 and 0.0 are equal codes
     order, starts = hash_groups(rows)
     if order is None:  # two distinct codes share a hash
         _, first = np.unique(rows, axis=0, return_index=True)
-    elif starts.shape[0] == codebook.shape[0]:
-        return None
     else:
         first = order[starts]  # the stable sort lists equal rows in order
     if first.shape[0] == codebook.shape[0]:
@@ -346,9 +355,7 @@ class _CodebookIndex:
         if self._algorithm == "brute":
             return False
         n_distinct, n_features = self.codes64.shape
-        use = self._algorithm == "kd_tree" or kd_tree_pays_off(
-            n_features, n_distinct
-        )
+        use = self._algorithm == "kd_tree" or kd_tree_pays_off(n_features, n_distinct)
         if use and self._tree is None:
             self._tree = cKDTree(self.codes64)
         return use
@@ -393,7 +400,9 @@ class _CodebookIndex:
             def search(rows):
                 return self._brute_block(rows, prep)
 
-            tasks = dict(n_threads=n_threads, min_task_rows=_TASK_ELEMENTS // n_distinct)
+            tasks = dict(
+                n_threads=n_threads, min_task_rows=_TASK_ELEMENTS // n_distinct
+            )
 
         def work(start, stop):
             for lo in range(start, stop, block):

@@ -164,9 +164,7 @@ def test_fit_leaves_the_state_of_a_stream_of_batch_size_rows():
 def test_fit_runs_its_stages_on_doubling_prefixes():
     vq = VQCodebookTransformer(n_codes=4, batch_size=100)
     first = 32 * 100  # 32 batches, or 3 * n_codes rows if more
-    assert vq._stage_sizes(50_000) == [
-        first, 2 * first, 4 * first, 8 * first, 50_000
-    ]
+    assert vq._stage_sizes(50_000) == [first, 2 * first, 4 * first, 8 * first, 50_000]
     assert vq._stage_sizes(100) == [100]
     assert vq.set_params(batch_size=5000)._stage_sizes(4000) == [4000]
 
@@ -196,7 +194,10 @@ def test_fit_stops_when_the_assignments_no_longer_change():
     # Lloyd converges in a few steps; the last one moves no code.
     assert vq.n_iter_ < 20
     again = VQCodebookTransformer(
-        n_codes=3, max_iter=vq.n_iter_ + 5, tol=0, max_no_improvement=None,
+        n_codes=3,
+        max_iter=vq.n_iter_ + 5,
+        tol=0,
+        max_no_improvement=None,
         random_state=0,
     ).fit(X)
     assert_array_equal(again.codebook_, vq.codebook_)

@@ -114,9 +114,9 @@ def test_perplexity_is_exp_entropy_of_ema_usage():
 
 def test_verbose_reports_step_distortion_perplexity_and_reassignments(capsys):
     X = blobs()
-    VQCodebookTransformer(
-        n_codes=4, max_iter=3, tol=0, verbose=1, random_state=0
-    ).fit(X)
+    VQCodebookTransformer(n_codes=4, max_iter=3, tol=0, verbose=1, random_state=0).fit(
+        X
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith(f"Step 1 (stage 1, {X.shape[0]} rows): distortion ")
     assert "perplexity" in lines[0] and "codes reassigned" in lines[0]
