@@ -4,8 +4,9 @@ Writes a float32 Gaussian-mixture dataset to a chunked zarr array on disk
 (larger than the memory of one chunk by a factor ``n_chunks``), then fits
 :class:`skvq.VQCodebookTransformer` on it through a ``distributed``
 ``LocalCluster`` of worker processes on 127.0.0.1, and reports rows per
-second (passes x rows / time) and the peak resident memory of the client
-process above its level before the fit.  A NumPy fit of the same rows held in
+second (steps x rows / time: with at most ``32 * batch`` rows, ``fit`` has one
+stage and each of its steps reads every row) and the peak resident memory of
+the client process above its level before the fit.  A NumPy fit of the same rows held in
 memory is the reference.
 
     pip install -e ".[bench,dask]"
@@ -78,6 +79,7 @@ def model(args):
         n_codes=args.codes,
         batch_size=args.batch,
         max_iter=args.passes,
+        tol=0,
         max_no_improvement=None,
         random_state=0,
     )
@@ -90,7 +92,9 @@ def main():
     parser.add_argument("--chunk", type=int, default=50_000)
     parser.add_argument("--batch", type=int, default=200_000, help="rows per EMA step")
     parser.add_argument("--codes", type=int, default=256)
-    parser.add_argument("--passes", type=int, default=2)
+    parser.add_argument(
+        "--passes", type=int, default=2, help="steps of fit, each over all rows"
+    )
     args = parser.parse_args()
     warnings.simplefilter("ignore", UserWarning)
 

@@ -35,7 +35,7 @@ n_codes = [4, 8, 16, 32, 64, 128, 256, 512]
 results = {"skvq": [], "KMeans": []}
 for k in n_codes:
     for name, model in (
-        ("skvq", VQCodebookTransformer(n_codes=k, max_iter=50, random_state=0)),
+        ("skvq", VQCodebookTransformer(n_codes=k, random_state=0)),
         ("KMeans", KMeans(n_clusters=k, n_init=1, random_state=0)),
     ):
         start = perf_counter()
@@ -83,11 +83,11 @@ plt.show()
 # %%
 # Each extra bit (doubling the palette) divides the distortion by a roughly
 # constant factor, as rate-distortion theory predicts at high rates; the
-# curve tells how many bits a target distortion costs.  skvq stays within a
-# few percent of KMeans at every size (on this run: from 3 % better at 16
-# colours to 3.5 % worse at 512, where ``max_iter=50`` passes are not quite
-# enough).  KMeans' Lloyd iterations converge in fewer, cheaper passes on a
-# fixed data set; skvq's fit time grows much more slowly than ``n_codes``
-# (128 times the codes for under 5 times the time), because the k-d tree
-# takes over the search for the larger code books of these 3-D points.  Its
-# advantages are elsewhere: streams, forgetting, ``partial_fit``.
+# curve tells how many bits a target distortion costs.  skvq's ``fit`` runs
+# Lloyd iterations on nested samples of the pixels, so its held-out
+# distortion stays within about 2 % of KMeans' at every size (on the run
+# that wrote this: from 1 % better at 16 colours to 2 % worse at 128).  Its
+# fit time is comparable: a little slower on the smallest palettes, where
+# fixed costs dominate, and faster on the largest, where distance bounds let
+# most pixels skip the search once the palette settles.  Its advantages go
+# further on streams: forgetting, ``partial_fit``.

@@ -59,6 +59,8 @@ _MAX_INIT_SIZE = 2**16
 # stage but the last makes at most _STAGE_STEPS steps (docs/performance.rst).
 _FIRST_STAGE_BATCHES = 32
 _STAGE_STEPS = 6
+# fit keeps distance bounds on stages of at least this many row-code pairs.
+_BOUNDS_MIN_SCORES = 2**18
 
 # Chosen from the experiments in docs/health.rst.
 DEFAULT_DEAD_CODE_THRESHOLD = 0.5
@@ -639,7 +641,10 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
                 0.0,
                 batch_size / size,
                 pool,
-                LloydBounds(X.shape[1], X.dtype),
+                # Below this size the bookkeeping costs more than it saves.
+                LloydBounds(X.shape[1], X.dtype)
+                if size * self.n_codes >= _BOUNDS_MIN_SCORES
+                else None,
             )
             for size in sizes
         ]

@@ -212,8 +212,9 @@ def _chunk_sums(X, labels, sample_weight, n_codes):
     return np.asarray(assign @ X.astype(np.float64, copy=False))
 
 
-# Up to this many rows, the sums of a chunk go through a sort.
-_SMALL_CHUNK = 4096
+# Up to this many rows, the sums of a chunk go through a sort (measured:
+# faster than the sparse product below about 200 rows).
+_SMALL_CHUNK = 128
 
 
 @dataclass(frozen=True)
@@ -328,12 +329,13 @@ def ema_update(counts, sums, codebook, batch_counts, batch_sums, momentum):
     new_counts += (1.0 - momentum) * batch_counts
     new_sums = momentum * sums
     new_sums += (1.0 - momentum) * batch_sums
-    won = (batch_counts > 0)[:, None]
+    won = batch_counts > 0
     new_codebook = codebook.copy()
-    np.divide(new_sums, new_counts[:, None], out=new_codebook, where=won)
-    kept = ~won | (new_counts < COUNT_FLOOR)[:, None]
+    rows = np.flatnonzero(won)  # gathers: few rows win in a small batch
+    new_codebook[rows] = new_sums[rows] / new_counts[rows, None]
+    kept = np.flatnonzero(~won | (new_counts < COUNT_FLOOR))
     np.maximum(new_counts, COUNT_FLOOR, out=new_counts)
-    np.multiply(new_codebook, new_counts[:, None], out=new_sums, where=kept)
+    new_sums[kept] = new_codebook[kept] * new_counts[kept, None]
     return new_counts, new_sums, new_codebook
 
 
