@@ -249,19 +249,21 @@ def _thread_pool(n_threads):
 def _run_tasks(func, n_rows, block_rows, n_threads, min_task_rows):
     """Call ``func(start, stop)`` on consecutive row ranges, in ``n_threads``.
 
-    The rows are cut into at most ``2 * n_threads`` tasks of whole blocks
-    of ``block_rows`` (each at least ``min_task_rows`` rows, so that small
-    calls stay in the calling thread), handed to a persistent pool.  ``func``
-    writes into preallocated arrays, so the outcome does not depend on the
-    threads.  While the pool works, BLAS is held to one thread per worker
-    (NumPy and BLAS release the GIL), which avoids oversubscribing the cores.
+    The rows are cut into at most ``2 * n_threads`` tasks (each at least
+    ``min_task_rows`` rows, so that small calls stay in the calling thread),
+    of whole blocks of ``block_rows`` when there are enough rows, handed to a
+    persistent pool.  ``func`` writes into preallocated arrays, so the
+    outcome does not depend on the threads.  While the pool works, BLAS is
+    held to one thread per worker (NumPy and BLAS release the GIL), which
+    avoids oversubscribing the cores.
     """
-    n_blocks = -(-n_rows // block_rows)
-    n_tasks = min(2 * n_threads, n_blocks, max(1, n_rows // max(1, min_task_rows)))
+    n_tasks = min(2 * n_threads, max(1, n_rows // max(1, min_task_rows)))
     if n_threads <= 1 or n_tasks <= 1:
         func(0, n_rows)
         return
-    per_task = -(-n_blocks // n_tasks) * block_rows
+    per_task = -(-n_rows // n_tasks)
+    if per_task > block_rows:
+        per_task = -(-per_task // block_rows) * block_rows
     bounds = [(s, min(s + per_task, n_rows)) for s in range(0, n_rows, per_task)]
     with _BLAS_HOLD:
         pool = _thread_pool(min(n_threads, len(bounds)))
