@@ -71,12 +71,24 @@ def weighted_draw(weights, size, rng):
     return np.minimum(idx, weights.shape[0] - 1)
 
 
+# Candidates per seed: twice the 2 + log(n_codes) of Arthur and Vassilvitskii
+# (and of scikit-learn); on load_digits and china.jpg this lowers the final
+# distortion by 0.4-0.9 % on average over 5 seeds, at no measurable cost in
+# float32 (docs/performance.rst).
+_TRIALS_FACTOR = 2
+# Below this magnitude, squared distances summed over any realistic number of
+# features stay far from float32's overflow (3.4e38).
+_FLOAT32_SAFE = 1e15
+
+
 def kmeans_plusplus(points, weights, n_codes, rng):
     """Greedy weighted k-means++ seeding on distinct points.
 
-    Each new seed is the best, by weighted potential, of ``2 + log(n_codes)``
-    candidates drawn with probability proportional to weight times squared
-    distance to the seeds so far.  Stops early when every point is a seed.
+    Each new seed is the best, by weighted potential, of
+    ``2 * (2 + log(n_codes))`` candidates drawn with probability proportional
+    to weight times squared distance to the seeds so far, computed on
+    centred points, in float32 unless their magnitude could overflow it.
+    Stops early when every point is a seed.
 
     Returns
     -------
@@ -85,14 +97,19 @@ def kmeans_plusplus(points, weights, n_codes, rng):
     """
     n_points = points.shape[0]
     n_seeds = min(n_codes, n_points)
-    n_trials = 2 + int(np.log(n_codes))
+    n_trials = _TRIALS_FACTOR * (2 + int(np.log(n_codes)))
     center = points.mean(axis=0)
+    # Seeding only needs rough distances: float32 halves the cost, and the
+    # centring keeps the expansion accurate.
     centred = points - center
+    if np.abs(centred).max(initial=0.0) < _FLOAT32_SAFE:
+        centred = centred.astype(np.float32)
+    centred_t = np.ascontiguousarray(centred.T)
     sq_norms = np.einsum("ij,ij->i", centred, centred)
 
     def sq_dist(idx):
         # In place: fresh temporaries of this size page-fault on every call.
-        d = centred[idx] @ centred.T
+        d = centred[idx] @ centred_t
         d *= -2.0
         d += sq_norms
         d += sq_norms[idx][:, None]
@@ -108,7 +125,7 @@ def kmeans_plusplus(points, weights, n_codes, rng):
         candidates = weighted_draw(potential, n_trials, rng)
         dist = sq_dist(candidates)
         np.minimum(dist, closest[None, :], out=dist)
-        best = np.argmin(dist @ weights)
+        best = np.argmin(dist @ weights.astype(dist.dtype))
         seeds[c] = candidates[best]
         closest = dist[best]
     return seeds
