@@ -105,8 +105,8 @@ def main():
         print(
             f"Dataset: {args.rows} x {args.features} float32 = {size / 2**20:.0f} MiB "
             f"on disk (zarr), chunks of {args.chunk} rows = "
-            f"{args.chunk * args.features * 4 / 2**20:.1f} MiB; steps of {args.batch} "
-            f"rows, K={args.codes}, {args.passes} passes."
+            f"{args.chunk * args.features * 4 / 2**20:.1f} MiB; batch_size={args.batch}"
+            f", K={args.codes}, {args.passes} steps of fit, each over all the rows."
         )
         print("\n| run | time (s) | rows/s | client peak RSS (MiB) | distortion |")
         print("|---|---|---|---|---|")

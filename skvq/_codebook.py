@@ -28,7 +28,7 @@ from ._kernels import (
     weighted_mean,
     weighted_mean_variance,
 )
-from ._search import _CodebookIndex
+from ._search import _CodebookIndex, blas_held
 
 # Smallest relative decrease of the smoothed loss that counts as improvement.
 _IMPROVEMENT_RTOL = 1e-9
@@ -399,17 +399,21 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
 
                 return _dask.fit(self, X, sample_weight)
             X, sample_weight = self._validate_batch(X, sample_weight, reset=True)
-            rng = check_random_state(self.random_state)
-            sizes = self._stage_sizes(X.shape[0])
-            if len(sizes) > 1:  # nested prefixes of one shuffled copy
-                order = rng.permutation(X.shape[0])
-                X, sample_weight = X[order], sample_weight[order]
-            init_rows = max(self._init_size(), min(sizes[0], _MAX_INIT_SIZE))
-            self._initialize(X[: sizes[0]], sample_weight[: sizes[0]], rng, init_rows)
-            variance = weighted_mean_variance(X, sample_weight) if self.tol > 0 else 0.0
-            stages = self._stage_steps(X, sample_weight, sizes)
-            self._run_stages(stages, sizes, variance)
+            with blas_held(self.n_jobs):
+                self._fit_numpy(X, sample_weight)
         return self
+
+    def _fit_numpy(self, X, sample_weight):
+        rng = check_random_state(self.random_state)
+        sizes = self._stage_sizes(X.shape[0])
+        if len(sizes) > 1:  # nested prefixes of one shuffled copy
+            order = rng.permutation(X.shape[0])
+            X, sample_weight = X[order], sample_weight[order]
+        init_rows = max(self._init_size(), min(sizes[0], _MAX_INIT_SIZE))
+        self._initialize(X[: sizes[0]], sample_weight[: sizes[0]], rng, init_rows)
+        variance = weighted_mean_variance(X, sample_weight) if self.tol > 0 else 0.0
+        stages = self._stage_steps(X, sample_weight, sizes)
+        self._run_stages(stages, sizes, variance)
 
     def partial_fit(self, X, y=None, sample_weight=None):
         """Apply one EMA step on a batch (initialising the code book first).

@@ -193,7 +193,7 @@ def code_statistics(X, labels, sample_weight, n_codes, n_jobs=None):
                 n_codes,
             )
 
-    run_tasks(work, n_samples, chunk, n_threads(n_jobs), 2 * chunk)
+    run_tasks(work, n_samples, chunk, n_threads(n_jobs), chunk)
     sums = parts[0]
     for part in parts[1:]:
         sums += part

@@ -25,6 +25,7 @@ index among equal codes, so results never depend on how rows are grouped.
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from functools import lru_cache
 
 import numpy as np
@@ -141,7 +142,9 @@ def _sq_dist_to(X, codes, labels):
 def sq_dist_to_codes(X, codes, labels, n_jobs=None):
     """``_sq_dist_to`` in blocks of fixed size, on ``n_jobs`` threads."""
     out = np.empty(X.shape[0], dtype=np.float64)
-    block = max(1, _BLOCK_ELEMENTS // max(1, X.shape[1]))
+    # Blocks of 2**16 values stay in cache through the gather, the
+    # difference and the sum.
+    block = max(1, 2**16 // max(1, X.shape[1]))
 
     def work(start, stop):
         for lo in range(start, stop, block):
@@ -210,6 +213,22 @@ class _BlasHold:
 
 
 _BLAS_HOLD = _BlasHold()
+
+
+@contextmanager
+def blas_held(n_jobs):
+    """Hold BLAS to one thread for a whole computation that uses our threads.
+
+    OpenBLAS's own threads spin for a while after each multithreaded call;
+    a BLAS call of the calling thread between two parallel searches would
+    leave them spinning on the cores that the next search needs.  With one
+    thread in all, nothing is held.
+    """
+    if _n_threads(n_jobs) > 1:
+        with _BLAS_HOLD:
+            yield
+    else:
+        yield
 
 
 @lru_cache(maxsize=1)
