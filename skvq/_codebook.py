@@ -399,7 +399,7 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
 
                 return _dask.fit(self, X, sample_weight)
             X, sample_weight = self._validate_batch(X, sample_weight, reset=True)
-            with blas_held(self.n_jobs):
+            with blas_held(self.n_jobs, X.shape[0] * self.n_codes):
                 self._fit_numpy(X, sample_weight)
         return self
 

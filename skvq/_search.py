@@ -216,15 +216,16 @@ _BLAS_HOLD = _BlasHold()
 
 
 @contextmanager
-def blas_held(n_jobs):
+def blas_held(n_jobs, n_scores):
     """Hold BLAS to one thread for a whole computation that uses our threads.
 
     OpenBLAS's own threads spin for a while after each multithreaded call;
     a BLAS call of the calling thread between two parallel searches would
-    leave them spinning on the cores that the next search needs.  With one
-    thread in all, nothing is held.
+    leave them spinning on the cores that the next search needs.  Nothing is
+    held with one thread in all, or when searches of ``n_scores`` row-code
+    pairs are too small to share (BLAS's threads then do the work).
     """
-    if _n_threads(n_jobs) > 1:
+    if _n_threads(n_jobs) > 1 and n_scores >= 2 * _TASK_ELEMENTS:
         with _BLAS_HOLD:
             yield
     else:
