@@ -113,8 +113,8 @@ plt.show()
 
 # %%
 # Without reassignment, the codes left behind on the left die and stay there:
-# all five clusters on the right fall to the single code that happened to be
-# nearest when the data moved, and the perplexity drops to 1.  With
+# all five clusters on the right fall to the one or two codes that happened
+# to be nearest when the data moved, and the perplexity drops to about 2.  With
 # reassignment the dead codes are re-seeded where the data are worst served,
 # a few batches after they die, and the perplexity recovers to near the size
 # of the code book.

@@ -76,8 +76,9 @@ def weighted_draw(weights, size, rng):
 # distortion by 0.4-0.9 % on average over 5 seeds, at no measurable cost in
 # float32 (docs/performance.rst).
 _TRIALS_FACTOR = 2
-# Below this magnitude, squared distances summed over any realistic number of
-# features stay far from float32's overflow (3.4e38).
+# Between 1 / this and this magnitude, squared distances summed over any
+# realistic number of features stay far from float32's overflow (3.4e38) and
+# underflow (1.2e-38).
 _FLOAT32_SAFE = 1e15
 
 
@@ -87,7 +88,8 @@ def kmeans_plusplus(points, weights, n_codes, rng):
     Each new seed is the best, by weighted potential, of
     ``2 * (2 + log(n_codes))`` candidates drawn with probability proportional
     to weight times squared distance to the seeds so far, computed on
-    centred points, in float32 unless their magnitude could overflow it.
+    centred points, in float32 unless their magnitude could overflow or
+    underflow it.
     Stops early when every point is a seed.
 
     Returns
@@ -102,7 +104,8 @@ def kmeans_plusplus(points, weights, n_codes, rng):
     # Seeding only needs rough distances: float32 halves the cost, and the
     # centring keeps the expansion accurate.
     centred = points - center
-    if np.abs(centred).max(initial=0.0) < _FLOAT32_SAFE:
+    spread = np.abs(centred).max(initial=0.0)
+    if 1.0 / _FLOAT32_SAFE < spread < _FLOAT32_SAFE:
         centred = centred.astype(np.float32)
     centred_t = np.ascontiguousarray(centred.T)
     sq_norms = np.einsum("ij,ij->i", centred, centred)

@@ -345,3 +345,16 @@ def test_partial_fit_on_a_fitted_estimator_checks_every_batch(bad, message):
     with pytest.raises(ValueError, match=message):
         vq.partial_fit(bad)
     assert pickle.dumps(vq) == before
+
+
+def test_seeding_far_beyond_float32_range_draws_as_at_unit_scale():
+    # k-means++ computes its distances in float32 only when that is safe;
+    # its draws are scale-invariant, so scaled data give the same seeds.
+    from skvq._kernels import kmeans_plusplus
+
+    points = blobs(300, seed=3)
+    weights = np.ones(300)
+    expected = kmeans_plusplus(points, weights, 8, np.random.RandomState(0))
+    for scale in (1e-20, 1e20):
+        seeds = kmeans_plusplus(points * scale, weights, 8, np.random.RandomState(0))
+        assert_array_equal(seeds, expected)
