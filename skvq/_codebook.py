@@ -30,7 +30,7 @@ from ._kernels import (
 )
 from ._search import _CodebookIndex, blas_held
 
-# Smallest relative decrease of the smoothed loss that counts as improvement.
+# Smallest relative decrease of the distortion that counts as improvement.
 _IMPROVEMENT_RTOL = 1e-9
 
 
@@ -188,8 +188,9 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         threads are safe.
 
     random_state : int, RandomState instance or None, default=None
-        Determines the initialisation and the shuffling of minibatches.  Pass
-        an int for reproducible results.
+        Determines the initialisation, the order of the rows in the stages
+        of :meth:`fit` and the draws of re-seeding.  Pass an int for
+        reproducible results (the same whatever the threads).
 
     verbose : int, default=0
         Verbosity: ``1`` prints one line per step of :meth:`fit` (stage and
