@@ -215,7 +215,7 @@ def _stages(estimator, X, sample_weight, rng):
                 batch_rows / rows[-1],
             )
         )
-    return steps, rows, order
+    return steps, rows
 
 
 def fit(estimator, X, sample_weight):
@@ -228,7 +228,7 @@ def fit(estimator, X, sample_weight):
         if sample_weight is not None:
             sample_weight = sample_weight.rechunk((X.chunks[0],))
     rng = check_random_state(estimator.random_state)
-    steps, rows, _ = _stages(estimator, X, sample_weight, rng)
+    steps, rows = _stages(estimator, X, sample_weight, rng)
     estimator._initialize(*_initial_sample(estimator, X, sample_weight, rng), rng)
     variance = 0.0
     if estimator.tol > 0:

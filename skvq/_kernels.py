@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import sparse
 
-from ._rows import hash_groups
+from ._rows import group_rows
 from ._search import _n_threads as n_threads
 from ._search import _run_tasks as run_tasks
 from ._search import sq_dist_to_codes
@@ -42,20 +42,11 @@ def canonical_sample(X, sample_weight, values=None):
         the value of each distinct row.
     """
     keep = sample_weight > 0
-    rows = X[keep].astype(np.float64)
-    rows += 0.0  # -0.0 + 0.0 == +0.0: equal values get equal bits
-    weights = sample_weight[keep]
-    order, starts = hash_groups(rows)
-    if order is None:  # two distinct rows share a hash
-        points, inverse = np.unique(rows, axis=0, return_inverse=True)
-        inverse = inverse.reshape(-1)
-    else:
-        points = rows[order[starts]]
-        inverse = np.empty(rows.shape[0], dtype=np.intp)
-        group = np.zeros(rows.shape[0], dtype=np.intp)
-        group[starts[1:]] = 1
-        inverse[order] = np.cumsum(group)
-    weights = np.bincount(inverse, weights=weights, minlength=points.shape[0])
+    rows, first, inverse = group_rows(X[keep])
+    points = rows[first]
+    weights = np.bincount(
+        inverse, weights=sample_weight[keep], minlength=points.shape[0]
+    )
     if values is None:
         return points, weights
     point_values = np.empty(points.shape[0], dtype=values.dtype)
@@ -182,10 +173,9 @@ def code_statistics(X, labels, sample_weight, n_codes, n_jobs=None):
     n_samples = X.shape[0]
     counts = np.bincount(labels, weights=sample_weight, minlength=n_codes)
     chunk = _STATISTICS_CHUNK
-    bounds = [(lo, min(lo + chunk, n_samples)) for lo in range(0, n_samples, chunk)]
-    if len(bounds) == 1:
+    if n_samples <= chunk:
         return counts, _chunk_sums(X, labels, sample_weight, n_codes)
-    parts = [None] * len(bounds)
+    parts = [None] * -(-n_samples // chunk)
 
     def work(start, stop):
         for lo in range(start, stop, chunk):

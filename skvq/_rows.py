@@ -19,14 +19,44 @@ def _mix64(z):
     return z
 
 
-def hash_groups(rows):
+def group_rows(X):
+    """Group the equal rows of ``X``, in a canonical order of the groups.
+
+    Returns
+    -------
+    rows : ndarray of shape (n_rows, n_features), float64
+        ``X`` in float64, with ``-0.0`` turned into ``0.0``.
+    first : ndarray of shape (n_groups,), dtype=intp
+        Index of the first row of each group, groups in canonical order: by
+        row hash, or lexicographic should two distinct rows share a hash
+        (either way a property of the set of distinct rows alone).
+    inverse : ndarray of shape (n_rows,), dtype=intp
+        The group of each row.
+    """
+    rows = X.astype(np.float64)
+    rows += 0.0  # -0.0 + 0.0 == +0.0: equal values get equal bits
+    order, starts = _hash_groups(rows)
+    if order is None:
+        _, first, inverse = np.unique(
+            rows, axis=0, return_index=True, return_inverse=True
+        )
+        return rows, first, inverse.reshape(-1)
+    inverse = np.empty(rows.shape[0], dtype=np.intp)
+    group = np.zeros(rows.shape[0], dtype=np.intp)
+    group[starts[1:]] = 1
+    inverse[order] = np.cumsum(group)
+    # The stable sort lists equal rows in ascending order.
+    return rows, order[starts], inverse
+
+
+def _hash_groups(rows):
     """Rows sorted by hash, and the start of each group of equal rows.
 
-    ``rows`` is a float64 array without ``-0.0`` (add ``0.0`` first).  Each
-    value's bits, offset by a constant of its column, go through a 64-bit
-    mixer; the row hash is the mixed sum.  Equal rows share a hash; the
-    stable sort keeps them in ascending row order.  Returns ``(None, None)``
-    when two distinct rows share a hash (then group them another way).
+    ``rows`` is a float64 array without ``-0.0``.  Each value's bits, offset
+    by a constant of its column, go through a 64-bit mixer; the row hash is
+    the mixed sum.  Equal rows share a hash; the stable sort keeps them in
+    ascending row order.  Returns ``(None, None)`` when two distinct rows
+    share a hash.
     """
     n_rows, n_features = rows.shape
     if n_rows == 0:

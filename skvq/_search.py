@@ -33,7 +33,7 @@ from scipy.spatial import cKDTree
 from sklearn import get_config
 from threadpoolctl import ThreadpoolController
 
-from ._rows import hash_groups
+from ._rows import group_rows
 
 # Elements of one block of the score matrix in the brute backend.  At 2**20
 # (4 MiB of float32 scores) the product and the two argmin passes cost no
@@ -64,13 +64,7 @@ def _distinct_code_ids(codebook):
     key.sort()
     if not np.any(key[1:] == key[:-1]):
         return None
-    rows = codebook.astype(np.float64)
-    rows += 0.0  # -0.0 and 0.0 are equal codes
-    order, starts = hash_groups(rows)
-    if order is None:  # two distinct codes share a hash
-        _, first = np.unique(rows, axis=0, return_index=True)
-    else:
-        first = order[starts]  # the stable sort lists equal rows in order
+    _, first, _ = group_rows(codebook)
     if first.shape[0] == codebook.shape[0]:
         return None
     return np.sort(first)

@@ -163,9 +163,9 @@ def test_canonical_sample_order_ignores_row_order_and_hash_collisions(monkeypatc
     assert_array_equal(points_p, points)
     np.testing.assert_allclose(weights_p, weights)
     # Should two distinct rows share a hash, the order becomes lexicographic.
-    import skvq._kernels as kernels
+    import skvq._rows as rows_module
 
-    monkeypatch.setattr(kernels, "hash_groups", lambda rows: (None, None))
+    monkeypatch.setattr(rows_module, "_hash_groups", lambda rows: (None, None))
     points_c, weights_c = canonical_sample(X[perm], w[perm])
     unique, inverse = np.unique(X, axis=0, return_inverse=True)
     assert_array_equal(points_c, unique)
