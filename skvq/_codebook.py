@@ -21,12 +21,20 @@ from sklearn.utils.validation import (
 from ._kernels import (
     LloydBounds,
     batch_statistics,
+    ema_average,
     ema_update,
     init_codebook,
     perplexity,
     reseed_dead_codes,
     weighted_mean,
     weighted_mean_variance,
+)
+from ._relocation import (
+    MIN_SPLIT_ROWS,
+    apply_relocations,
+    cell_members,
+    plan_relocations,
+    split_rows,
 )
 from ._search import _CodebookIndex, blas_held
 
@@ -63,7 +71,29 @@ _STAGE_STEPS = 6
 _BOUNDS_MIN_SCORES = 2**18
 
 # Chosen from the experiments in docs/health.rst.
-DEFAULT_DEAD_CODE_THRESHOLD = 0.5
+DEFAULT_DEAD_CODE_THRESHOLD = 0.05
+
+# Relocation (docs/health.rst): at most one code in this many moves in the
+# first relocation round of fit.
+_FIT_MOVES_DIVISOR = 8
+# A stream's split must gain this many times the cost of its merge: the gain
+# is estimated on one batch, the cost known from the EMA statistics, and a
+# margin stops codes from flapping between cells of nearly equal worth.
+_STREAM_MIN_RATIO = 1.5
+# A stream considers relocation this many times per memory (1 / (1 - m)).
+_STREAM_CHECK_SHARE = 0.05
+# ... and weighs splitting its this many cells of largest EMA distortion.
+_STREAM_CELLS = 2
+# A relocation round of fit is kept if the distortion has dropped below the
+# converged one within this many steps; rounds end after this many undone
+# single moves.
+_PROBE_STEPS = 4
+_MAX_UNDONE = 2
+# Rounds end after a kept round that lowered the distortion by less than this
+# fraction.
+_MIN_ROUND_GAIN = 1e-4
+# fit relocates on its largest stage of at most this many rows (or its first).
+_RELOCATION_ROWS = 2**16
 
 
 class VQCodebookTransformer(TransformerMixin, BaseEstimator):
@@ -99,18 +129,32 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         Weight ``beta >= 0`` of the VQ-VAE commitment term reported in
         ``commitment_loss_``.  It does not change the code book.
 
-    dead_code_threshold : float, default=0.5
-        A code whose EMA count ``ema_counts_`` falls below this value after a
-        step is *dead* and is re-seeded from that step's batch (in the full
-        steps of :meth:`fit`, only codes whose cell is empty): dead codes, in
-        order, each take a sample drawn with probability proportional to its
-        weight times its squared distance to the code book (k-means++ style,
-        so poorly served regions get codes), and restart with ``n_k = 1``,
-        ``s_k = c_k``.  Counts are in units of sample weight per batch, so the
-        default revives codes that win, on EMA average, fewer than half a
-        sample per batch.  Values above 1 (the initial count) re-seed codes
-        before they can settle.  ``0`` disables reassignment, and then the
-        plain EMA rule holds exactly.
+    dead_code_threshold : float, default=0.05
+        A code whose EMA count ``ema_counts_`` falls below this fraction of
+        the mean count (the EMA weight per code of a batch) after a step, or
+        that repeats a lower code, is *dead* and is re-seeded from that
+        step's batch (in the full steps of :meth:`fit`, only codes whose cell
+        is empty): dead codes, in order, each take a sample drawn with
+        probability proportional to its weight times its squared distance to
+        the code book (k-means++ style, so poorly served regions get codes),
+        and restart as an average code (count equal to the mean count, sum
+        equal to count times vector, distortion 0).  Being relative to the
+        mean count, the rule behaves the same for any batch size and code
+        book size: a code that stops winning is dead after
+        ``log(threshold) / log(ema_momentum)`` steps (about 300 at the
+        defaults).  Must be below 1.  ``0`` disables reassignment.
+
+    relocate : bool, default=True
+        Move codes from where they cost least to where they help most
+        (enhanced LBG [6]_).  The code whose cell is cheapest to merge into
+        its nearest neighbour's (Ward's cost, from the counts) takes half of
+        the cell whose split in two gains most (estimated on the rows of the
+        cell by two-fold cross-fitting), when the gain exceeds the cost.
+        :meth:`fit` makes such moves in rounds once a stage has converged,
+        keeping a round only if the distortion drops; :meth:`partial_fit`
+        weighs each batch's split gains against the EMA statistics
+        (``ema_distortion_``).  With ``relocate=False`` and
+        ``dead_code_threshold=0``, the plain EMA rule holds exactly.
 
     init : {"k-means++", "random"} or array-like of shape (n_codes, n_features), \
             default="k-means++"
@@ -163,8 +207,9 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         dead-code threshold.  :meth:`fit` starts on ``32 * batch_size`` rows
         and is plain Lloyd's algorithm when ``batch_size >= n_samples``.
 
-    max_iter : int, default=100
-        Maximum number of steps of :meth:`fit`, all stages together.
+    max_iter : int, default=300
+        Maximum number of steps of :meth:`fit`, all stages and relocation
+        rounds together (rounds stop at half of it).
 
     tol : float, default=1e-4
         Early stopping of :meth:`fit` when one step on all the rows moves the
@@ -194,8 +239,10 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
 
     verbose : int, default=0
         Verbosity: ``1`` prints one line per step of :meth:`fit` (stage and
-        its rows, distortion before the step, perplexity, codes reassigned)
-        and the reason it stopped.
+        its rows, distortion before the step, perplexity, codes reassigned),
+        the reason each convergence stopped, and one line per relocation
+        round (codes moved, distortion before and after, kept or undone);
+        :meth:`partial_fit` prints the codes it relocates.
 
     Attributes
     ----------
@@ -216,13 +263,23 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
     n_iter_ : int
         Number of steps made by the last :meth:`fit`, all stages together.
 
+    ema_distortion_ : ndarray of shape (n_codes,)
+        EMA of each code's distortion (the weighted sum of squared distances
+        of its batch samples), in the units of ``ema_counts_``, float64.
+        Relocation reads it; its share shows which codes serve their
+        samples worst.
+
     n_codes_reassigned_ : int
         Number of codes re-seeded since the code book was initialised.
 
+    n_codes_relocated_ : int
+        Number of codes relocated since the code book was initialised (in
+        :meth:`fit`, only the moves of rounds that were kept).
+
     dead_codes_ : ndarray of shape (n_codes,), dtype=bool
-        Codes found dead (EMA count below ``dead_code_threshold``) in the last
-        step; they were re-seeded unless every sample of the batch already
-        coincided with a code.  All False when reassignment is disabled.
+        Codes found dead (see ``dead_code_threshold``) in the last step; they
+        were re-seeded unless every sample of the batch already coincided
+        with a code.  All False when reassignment is disabled.
 
     perplexity_ : float
         ``exp`` of the entropy of the EMA usage distribution
@@ -269,8 +326,10 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
     :meth:`fit` runs Lloyd iterations (EMA steps at momentum 0 on whole
     stages) on nested, doubling prefixes of the shuffled rows [4]_, with
     rigorous distance bounds that spare the search of rows that certainly
-    keep their code [5]_; :meth:`partial_fit` is the plain EMA rule.  See the
-    User Guide for the schedule.
+    keep their code [5]_, and relocation rounds that move codes out of the
+    local minimum Lloyd's algorithm stops in [6]_; :meth:`partial_fit` is the
+    EMA rule, followed by re-seeding and relocation.  See the User Guide for
+    the schedule and the Codebook health page for the measurements.
 
     :meth:`fit` and :meth:`partial_fit` either succeed or leave the estimator
     exactly as it was.  The random draws of reassignment at step ``t`` come
@@ -291,6 +350,8 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
     .. [4] J. Newling and F. Fleuret, "Nested Mini-Batch K-Means",
        NeurIPS 2016.
     .. [5] G. Hamerly, "Making k-means even faster", SDM 2010.
+    .. [6] G. Patanè and M. Russo, "The enhanced LBG algorithm", Neural
+       Networks 14(9), 2001.
 
     Examples
     --------
@@ -315,7 +376,8 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         "n_codes": [Interval(Integral, 1, None, closed="left")],
         "ema_momentum": [Interval(Real, 0, 1, closed="left")],
         "commitment_weight": [Interval(Real, 0, None, closed="left")],
-        "dead_code_threshold": [Interval(Real, 0, None, closed="left")],
+        "dead_code_threshold": [Interval(Real, 0, 1, closed="left")],
+        "relocate": ["boolean"],
         "init": [StrOptions({"k-means++", "random"}), "array-like"],
         "encode": [StrOptions({"index", "onehot", "onehot-dense", "distance"})],
         "algorithm": [StrOptions({"auto", "kd_tree", "brute"})],
@@ -335,11 +397,12 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         ema_momentum=0.99,
         commitment_weight=0.25,
         dead_code_threshold=DEFAULT_DEAD_CODE_THRESHOLD,
+        relocate=True,
         init="k-means++",
         encode="index",
         algorithm="auto",
         batch_size=1024,
-        max_iter=100,
+        max_iter=300,
         tol=1e-4,
         max_no_improvement=10,
         n_jobs=None,
@@ -350,6 +413,7 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         self.ema_momentum = ema_momentum
         self.commitment_weight = commitment_weight
         self.dead_code_threshold = dead_code_threshold
+        self.relocate = relocate
         self.init = init
         self.encode = encode
         self.algorithm = algorithm
@@ -373,6 +437,9 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         EMA steps at momentum 0 on each whole stage (each a Lloyd iteration),
         at most 6 per stage before the last, until the stopping rules of
         ``tol`` and ``max_no_improvement``, or ``max_iter`` steps in all.
+        With ``relocate``, the largest stage of at most 65,536 rows runs to
+        convergence and then makes relocation rounds, each kept only if the
+        distortion drops.
         The counts and sums it leaves are expressed per ``batch_size`` rows,
         so that :meth:`partial_fit` continues from them as from a stream.
 
@@ -414,7 +481,14 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         self._initialize(X[: sizes[0]], sample_weight[: sizes[0]], rng, init_rows)
         variance = weighted_mean_variance(X, sample_weight) if self.tol > 0 else 0.0
         stages = self._stage_steps(X, sample_weight, sizes)
-        self._run_stages(stages, sizes, variance)
+        self._run_stages(
+            stages,
+            sizes,
+            variance,
+            lambda stage, cells, labels, counts: split_rows(
+                cell_members(X, sample_weight, labels, cells), counts
+            ),
+        )
 
     def partial_fit(self, X, y=None, sample_weight=None):
         """Apply one EMA step on a batch (initialising the code book first).
@@ -546,7 +620,9 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         self.ema_counts_ = np.ones(self.n_codes)
         self.ema_sum_ = self.codebook_.astype(np.float64)
         self.n_steps_ = 0
+        self.ema_distortion_ = np.zeros(self.n_codes)
         self.n_codes_reassigned_ = 0
+        self.n_codes_relocated_ = 0
         self.dead_codes_ = np.zeros(self.n_codes, dtype=bool)
         self.perplexity_ = float(self.n_codes)
         # Seed of the reassignment draws: step t draws from
@@ -560,37 +636,68 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
     def _step(
         self, X, sample_weight, momentum=None, scale=None, pool=None, bounds=None
     ):
-        """One EMA step on a validated batch; returns (loss, weight) of the batch.
+        """One EMA step on a validated batch; returns its statistics and labels.
 
         ``momentum`` defaults to ``ema_momentum``.  A ``scale`` marks one of
         ``fit``'s full steps: the batch statistics are multiplied by it (to
-        express them per ``batch_size`` rows) and only codes that won no
-        weight count as dead.  ``pool`` selects the rows that dead codes are
-        re-seeded from (default: the whole batch); ``bounds`` (a
+        express them per ``batch_size`` rows), only codes that won no weight
+        count as dead, and relocation waits for the end of the stage.
+        ``pool`` selects the rows that dead codes are re-seeded from
+        (default: the whole batch); ``bounds`` (a
         :class:`~skvq._kernels.LloydBounds`) carries distance bounds from one
         full step on ``X`` to the next.
         """
-        stats, sq_dist = batch_statistics(
+        split_cells = self._split_candidates() if scale is None else ()
+        stats, labels, sq_dist = batch_statistics(
             self._index, X, sample_weight, self.n_codes, self.n_jobs, bounds
         )
         rows = slice(None) if pool is None else pool
         reseed_pool = (X[rows], sample_weight[rows], sq_dist[rows])
-        return self._apply_statistics(stats, reseed_pool, momentum, scale)
+        members = cell_members(X, sample_weight, labels, split_cells, MIN_SPLIT_ROWS)
+        self._apply_statistics(
+            stats, reseed_pool, momentum, scale, split_rows(members, stats.counts)
+        )
+        return stats, labels
 
-    def _apply_statistics(self, stats, reseed_pool, momentum=None, scale=None):
-        """The EMA update from a batch's summed statistics, then reassignment.
+    def _split_candidates(self):
+        """Cells a stream's step may split: the largest EMA distortions.
+
+        Relocation is considered every ``_STREAM_CHECK_SHARE / (1 - m)``
+        steps (every 5 at the default momentum 0.99): the EMA statistics it
+        weighs change on the scale of ``1 / (1 - m)`` steps, and a check
+        costs a few 2-means fits.  The codes that may move are the
+        ``4 * _STREAM_CELLS`` live codes of smallest EMA distortion.
+        """
+        if not self.relocate:
+            return ()
+        period = max(1, round(_STREAM_CHECK_SHARE / (1.0 - self.ema_momentum)))
+        if (self.n_steps_ + 1) % period:
+            return ()
+        n_cells = min(_STREAM_CELLS, self.n_codes)
+        distortion = self.ema_distortion_
+        cells = np.argsort(-distortion, kind="stable")[:n_cells]
+        return cells[distortion[cells] > 0]
+
+    def _apply_statistics(
+        self, stats, reseed_pool, momentum=None, scale=None, splits=None
+    ):
+        """The EMA update from a batch's summed statistics, then maintenance.
 
         ``reseed_pool`` is ``(rows, weights, sq_dist)``: the batch, or a
         weighted sample of it, from which dead codes are re-seeded.  With a
         ``scale`` (a full step of ``fit``), the statistics are multiplied by
         it and a code is dead only when its cell is empty: on all the data, a
         small count is a small cell, not a code that stopped winning.
+        ``splits`` (cell -> rows and weights of the batch) lets a stream
+        relocate codes into those cells.
         """
         if momentum is None:
             momentum = self.ema_momentum
         batch_counts, batch_sums = stats.counts, stats.sums
+        batch_distortions = stats.distortions
         if scale is not None and scale != 1.0:
             batch_counts, batch_sums = batch_counts * scale, batch_sums * scale
+            batch_distortions = batch_distortions * scale
         counts, sums, codebook = ema_update(
             self.ema_counts_,
             self.ema_sum_,
@@ -599,26 +706,70 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
             batch_sums,
             momentum,
         )
-        dead = counts < self.dead_code_threshold
-        if scale is not None:
-            dead &= batch_counts == 0
-        n_reseeded = 0
-        if dead.any():
-            rng = np.random.default_rng([self._seed, self.n_steps_])
-            codebook, counts, sums, reseeded = reseed_dead_codes(
-                codebook, counts, sums, dead, *reseed_pool, rng
+        state = (
+            codebook,
+            counts,
+            sums,
+            ema_average(self.ema_distortion_, batch_distortions, momentum),
+        )
+        state, dead, n_reseeded = self._reseed(state, reseed_pool, scale, batch_counts)
+        moves = []
+        if splits:
+            by_distortion = np.argsort(state[3], kind="stable")
+            moves = plan_relocations(
+                state[0],
+                state[1],
+                splits,
+                by_distortion[~dead[by_distortion]][: 4 * len(splits)],
+                len(splits),
+                _STREAM_MIN_RATIO,
             )
-            n_reseeded = reseeded.shape[0]
-        index = self._build_index(codebook)
-        self.ema_counts_, self.ema_sum_, self.codebook_ = counts, sums, codebook
-        self._index = index
+            state = apply_relocations(state, moves)
+            if moves and self.verbose:
+                print(
+                    f"Step {self.n_steps_ + 1}: relocated codes "
+                    + ", ".join(f"{m.code} (into {m.split})" for m in moves)
+                )
+        self._set_state(state)
         self.n_steps_ += 1
         self.n_codes_reassigned_ += n_reseeded
+        self.n_codes_relocated_ += len(moves)
         self.dead_codes_ = dead
-        self.perplexity_ = perplexity(counts)
-        loss = stats.loss / stats.weight
-        self.commitment_loss_ = self.commitment_weight * loss
-        return loss, stats.weight
+        self.commitment_loss_ = self.commitment_weight * stats.loss / stats.weight
+
+    def _reseed(self, state, reseed_pool, scale, batch_counts):
+        """Re-seed the dead codes of ``state``; returns (state, dead, n_reseeded).
+
+        A code is dead when its count is below ``dead_code_threshold`` times
+        the mean count (the EMA weight per code of a batch), or when it
+        repeats a lower code; in a full step only if its cell is empty too.
+        It restarts with the mean count, as an average code: unless it wins,
+        it is dead again only after ``log(threshold) / log(ema_momentum)``
+        steps, whatever the batch size.
+        """
+        counts = state[1]
+        mean_count = counts.mean()
+        limit = self.dead_code_threshold * mean_count
+        dead = counts < limit
+        if limit > 0 and self._index.ids is not None:
+            # A copy of a lower code can never win: it is dead whatever its count.
+            copies = np.ones(self.n_codes, dtype=bool)
+            copies[self._index.ids] = False
+            dead |= copies
+        if scale is not None:
+            dead &= batch_counts == 0
+        if not dead.any():
+            return state, dead, 0
+        rng = np.random.default_rng([self._seed, self.n_steps_])
+        state, reseeded = reseed_dead_codes(state, dead, *reseed_pool, rng, mean_count)
+        return state, dead, reseeded.shape[0]
+
+    def _set_state(self, state):
+        """Install ``(codebook, counts, sums, distortions)`` and its index."""
+        index = self._build_index(state[0])
+        self.codebook_, self.ema_counts_, self.ema_sum_, self.ema_distortion_ = state
+        self._index = index
+        self.perplexity_ = perplexity(self.ema_counts_)
 
     def _stage_sizes(self, n_samples):
         """Rows of each stage of ``fit``: doubling prefixes, the last all rows."""
@@ -654,45 +805,133 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
             for size in sizes
         ]
 
-    def _run_stages(self, stages, sizes, mean_variance):
+    def _run_stages(self, stages, sizes, mean_variance, gather=None):
         """Full steps on each stage until it settles, then on the next.
 
         Stage ``s`` of ``n_s`` rows ends when the code book moves less than
         ``tol * n / n_s`` (scaled by the variance; its sample noise is that
         much larger) or after ``_STAGE_STEPS`` steps; the last stage ends by
-        :class:`_EarlyStopping`.  ``max_iter`` caps the steps of all stages.
+        :class:`_EarlyStopping`.  With ``relocate``, the largest stage of at
+        most ``_RELOCATION_ROWS`` rows (or the first) also runs until that
+        rule, then relocation rounds (see :meth:`_relocation_rounds`;
+        ``gather(stage, cells, labels, counts)`` fetches the rows of cells).
+        ``max_iter`` caps the steps of all stages and rounds.
+        """
+        self.n_iter_ = 0
+        relocation_stage = None
+        if self.relocate and gather is not None:
+            fits = [s for s, size in enumerate(sizes) if size <= _RELOCATION_ROWS]
+            relocation_stage = fits[-1] if fits else 0
+        for stage, (step, size) in enumerate(zip(stages, sizes, strict=True)):
+            if self.n_iter_ == self.max_iter:
+                return
+            settle = stage in (len(stages) - 1, relocation_stage)
+            result = self._converge(
+                step,
+                f"stage {stage + 1}, {size} rows",
+                mean_variance,
+                None if settle else _STAGE_STEPS,
+                None if settle else mean_variance * self.tol * sizes[-1] / size,
+            )
+            if stage == relocation_stage and result[3]:
+                self._relocation_rounds(
+                    step, partial(gather, stage), mean_variance, result
+                )
+
+    def _converge(self, step, label, mean_variance, limit=None, tol=None):
+        """Full steps until a stopping rule fires, or ``limit`` steps.
+
+        The rule is the stage rule (shift at most ``tol``) when ``tol`` is
+        given, else :class:`_EarlyStopping`.  Returns the last step's
+        ``(stats, labels, loss, converged)``: ``converged`` tells whether
+        the rule fired (rather than ``limit`` or ``max_iter``).
         """
         stopper = _EarlyStopping(self, mean_variance)
-        n_steps = 0
-        for stage, (step, size) in enumerate(zip(stages, sizes, strict=True)):
-            last = stage == len(stages) - 1
-            for n_stage_steps in range(1, self.max_iter - n_steps + 1):
-                start_codebook = self.codebook_
-                reassigned_before = self.n_codes_reassigned_
-                loss, _ = step()
-                n_steps += 1
-                shift = float(
-                    np.sum((self.codebook_ - start_codebook).astype(np.float64) ** 2)
+        for n_steps in range(1, self.max_iter - self.n_iter_ + 1):
+            start_codebook = self.codebook_
+            reassigned_before = self.n_codes_reassigned_
+            stats, labels = step()
+            self.n_iter_ += 1
+            loss = stats.loss / stats.weight
+            shift = float(
+                np.sum((self.codebook_ - start_codebook).astype(np.float64) ** 2)
+            )
+            if self.verbose:
+                print(
+                    f"Step {self.n_iter_} ({label}): distortion {loss:.6g}, "
+                    f"perplexity {self.perplexity_:.4g}, "
+                    f"{self.n_codes_reassigned_ - reassigned_before} codes reassigned"
                 )
-                if self.verbose:
-                    print(
-                        f"Step {n_steps} (stage {stage + 1}, {size} rows): "
-                        f"distortion {loss:.6g}, perplexity {self.perplexity_:.4g}, "
-                        f"{self.n_codes_reassigned_ - reassigned_before} codes "
-                        "reassigned"
-                    )
-                if last:
-                    if stopper.should_stop(loss, shift):
-                        if self.verbose:
-                            print(f"Stopped after step {n_steps}: {stopper.reason}.")
-                        break
-                elif n_stage_steps >= _STAGE_STEPS or shift <= (
-                    stopper.tol * sizes[-1] / size
-                ):
-                    break
-            if n_steps >= self.max_iter:
+            converged = (
+                shift <= tol if tol is not None else stopper.should_stop(loss, shift)
+            )
+            if converged and tol is None and self.verbose:
+                print(f"Converged after step {self.n_iter_}: {stopper.reason}.")
+            if converged or n_steps == limit:
                 break
-        self.n_iter_ = n_steps
+        return stats, labels, loss, converged
+
+    def _relocation_rounds(self, step, gather, mean_variance, converged):
+        """Relocate codes after convergence while that lowers the distortion.
+
+        Each round plans moves from the last step's cells (the cheapest
+        codes to merge into the cells with the largest split gain, see
+        :func:`~skvq._relocation.plan_relocations`), applies them and makes
+        up to ``_PROBE_STEPS`` full steps.  A round whose distortion has not
+        dropped below the converged one by then is undone, and the next
+        round tries half as many moves (after a single move, another code
+        and another cell);
+        a kept round runs to convergence.  The rounds end when no move is
+        worth trying, after ``_MAX_UNDONE`` undone single moves, or at
+        ``max_iter``.
+        """
+        max_moves = max(1, self.n_codes // _FIT_MOVES_DIVISOR)
+        stats, labels, best, _ = converged
+        movable = np.ones(self.n_codes, dtype=bool)
+        splittable = np.ones(self.n_codes, dtype=bool)
+        n_undone = 0
+        budget = self.max_iter // 2  # leave steps for the stages that follow
+        while self.n_iter_ < budget and n_undone < _MAX_UNDONE:
+            cells = np.argsort(-stats.distortions, kind="stable")
+            cells = cells[splittable[cells]][: 2 * max_moves]
+            moves = plan_relocations(
+                self.codebook_,
+                stats.counts,
+                gather(cells, labels, stats.counts),
+                np.flatnonzero(movable),
+                max_moves,
+                0.0,
+            )
+            if not moves:
+                break
+            saved = dict(self.__dict__)
+            self._set_state(apply_relocations(self._state(), moves))
+            probe = self._converge(step, "relocated", mean_variance, _PROBE_STEPS)
+            kept = probe[2] < best * (1.0 - _IMPROVEMENT_RTOL)
+            if self.verbose:
+                print(
+                    f"Relocated {len(moves)} codes: distortion {best:.6g} -> "
+                    f"{probe[2]:.6g}, {'kept' if kept else 'undone'}."
+                )
+            if kept:
+                self.n_codes_relocated_ += len(moves)
+                if not probe[3] and self.n_iter_ < budget:
+                    probe = self._converge(step, "relocated", mean_variance)
+                stats, labels, loss, _ = probe
+                if loss > best * (1.0 - _MIN_ROUND_GAIN):
+                    break
+                best = loss
+                continue
+            n_iter, n_steps = self.n_iter_, self.n_steps_
+            self.__dict__.update(saved)
+            self.n_iter_, self.n_steps_ = n_iter, n_steps
+            if len(moves) == 1:
+                movable[moves[0].code] = splittable[moves[0].split] = False
+                n_undone += 1
+            max_moves = max(1, len(moves) // 2)
+
+    def _state(self):
+        return self.codebook_, self.ema_counts_, self.ema_sum_, self.ema_distortion_
 
     # ------------------------------------------------------------ inference
     def _lazy(self, method, *args):

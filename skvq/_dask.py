@@ -22,6 +22,7 @@ from scipy import sparse
 from sklearn.utils import check_array, check_random_state
 
 from ._kernels import batch_statistics, weighted_mean_variance
+from ._relocation import cell_members, merge_members, split_rows
 
 # Rows of the weighted sample that a step gathers to re-seed dead codes.
 REASSIGN_SAMPLE = 1024
@@ -87,20 +88,30 @@ def _chunk(block, weights):
 
 
 # -------------------------------------------------------- one step, reduced
-def _chunk_statistics(index, n_codes, block, weights, pool_rows, seed):
-    """Statistics of one chunk, and a weighted sample of it for reassignment."""
+def _chunk_statistics(index, n_codes, block, weights, pool_rows, seed, split_cells):
+    """Statistics of one chunk, a weighted sample of it for reassignment, and
+    the rows of the cells that relocation may split."""
     block, weights = _chunk(block, weights)
-    stats, sq_dist = batch_statistics(index, block, weights, n_codes)
+    stats, labels, sq_dist = batch_statistics(index, block, weights, n_codes)
+    members = cell_members(block, weights, labels, split_cells)
     if pool_rows == 0 or stats.weight == 0:
-        return stats, None
+        return stats, None, members
     rng = np.random.default_rng(seed)
     rows = rng.choice(block.shape[0], size=pool_rows, p=weights / stats.weight)
     pool_weights = np.full(pool_rows, stats.weight / pool_rows)
-    return stats, (block[rows], pool_weights, sq_dist[rows])
+    return stats, (block[rows], pool_weights, sq_dist[rows]), members
+
+
+def _chunk_members(index, block, weights, cells):
+    """The rows of ``cells`` in one chunk, for ``fit``'s relocation rounds."""
+    block, weights = _chunk(block, weights)
+    labels = index.nearest(block)[0]
+    return cell_members(block, weights, labels, cells)
 
 
 def _tree_sum(parts):
-    """Tree-reduce delayed (stats, pool) pairs; pools are gathered in a list."""
+    """Tree-reduce delayed (stats, pool, members) triples; pools and members
+    are gathered in lists, in chunk order."""
     level = parts
     while True:
         level = [
@@ -112,20 +123,25 @@ def _tree_sum(parts):
 
 
 def _collect(parts):
-    """Sum the statistics of ``parts`` and gather their (small) pools."""
-    total, pools = None, []
-    for stats, pool in parts:
+    """Sum the statistics of ``parts`` and gather their (small) pools and members."""
+    total, pools, members = None, [], []
+    for stats, pool, part_members in parts:
         total = stats if total is None else total + stats
+        if isinstance(part_members, list):
+            members.extend(part_members)
+        else:
+            members.append(part_members)
         if pool is None:
             continue
         pools.extend(pool if isinstance(pool, list) else [pool])
-    return total, pools
+    return total, pools, members
 
 
 def _step(estimator, blocks, weight_blocks, row_counts, momentum=None, scale=None):
     """One EMA step over the given chunks (a reduction), applied at the client."""
     n_rows = sum(row_counts)
     reassign = estimator.dead_code_threshold > 0
+    split_cells = estimator._split_candidates() if scale is None else ()
     index = dask.delayed(estimator._index, pure=True)
     parts = []
     for i, (block, weights, rows) in enumerate(
@@ -135,16 +151,29 @@ def _step(estimator, blocks, weight_blocks, row_counts, momentum=None, scale=Non
         seed = [estimator._seed, estimator.n_steps_, i]
         parts.append(
             dask.delayed(_chunk_statistics)(
-                index, estimator.n_codes, block, weights, pool_rows, seed
+                index, estimator.n_codes, block, weights, pool_rows, seed, split_cells
             )
         )
-    stats, pools = dask.compute(_tree_sum(parts))[0]
+    stats, pools, members = dask.compute(_tree_sum(parts))[0]
     if not stats.weight > 0:
         raise ValueError("Sample weights must contain at least one non-zero number.")
     pool = None
     if pools:
         pool = tuple(np.concatenate(column) for column in zip(*pools, strict=True))
-    return estimator._apply_statistics(stats, pool, momentum, scale)
+    splits = split_rows(merge_members(members), stats.counts)
+    estimator._apply_statistics(stats, pool, momentum, scale, splits)
+    return stats, None
+
+
+def _gather(estimator, stage_chunks, stage, cells, labels, counts):
+    """Rows of ``cells`` among the chunks of ``fit``'s stage ``stage``."""
+    blocks, weight_blocks = stage_chunks[stage]
+    index = dask.delayed(estimator._index, pure=True)
+    parts = [
+        dask.delayed(_chunk_members)(index, block, weights, cells)
+        for block, weights in zip(blocks, weight_blocks, strict=True)
+    ]
+    return split_rows(merge_members(dask.compute(parts)[0]), counts)
 
 
 def _blocks(X, sample_weight):
@@ -197,25 +226,27 @@ def _stages(estimator, X, sample_weight, rng):
         order = rng.permutation(len(sizes))
     ends = np.cumsum(sizes[order])
     batch_rows = min(estimator.batch_size, X.shape[0])
-    steps, rows = [], []
+    steps, rows, stage_chunks = [], [], []
     for target in estimator._stage_sizes(X.shape[0]):
         count = int(np.searchsorted(ends, target)) + 1
         if rows and ends[count - 1] == rows[-1]:
             continue
         chunks = order[:count]
         rows.append(int(ends[count - 1]))
+        stage_chunks.append(
+            ([blocks[k] for k in chunks], [weight_blocks[k] for k in chunks])
+        )
         steps.append(
             partial(
                 _step,
                 estimator,
-                [blocks[k] for k in chunks],
-                [weight_blocks[k] for k in chunks],
+                *stage_chunks[-1],
                 [int(sizes[k]) for k in chunks],
                 0.0,
                 batch_rows / rows[-1],
             )
         )
-    return steps, rows
+    return steps, rows, partial(_gather, estimator, stage_chunks)
 
 
 def fit(estimator, X, sample_weight):
@@ -228,14 +259,14 @@ def fit(estimator, X, sample_weight):
         if sample_weight is not None:
             sample_weight = sample_weight.rechunk((X.chunks[0],))
     rng = check_random_state(estimator.random_state)
-    steps, rows = _stages(estimator, X, sample_weight, rng)
+    steps, rows, gather = _stages(estimator, X, sample_weight, rng)
     estimator._initialize(*_initial_sample(estimator, X, sample_weight, rng), rng)
     variance = 0.0
     if estimator.tol > 0:
         variance = weighted_mean_variance(
             *_initial_sample(estimator, X, sample_weight, rng)
         )
-    estimator._run_stages(steps, rows, variance)
+    estimator._run_stages(steps, rows, variance, gather)
     return estimator
 
 

@@ -237,14 +237,19 @@ class BatchStatistics:
 
     counts: np.ndarray  # (n_codes,): sum of w_i per code
     sums: np.ndarray  # (n_codes, n_features): sum of w_i x_i per code
-    loss: float  # sum of w_i ||x_i - c(x_i)||^2
+    distortions: np.ndarray  # (n_codes,): sum of w_i ||x_i - c_k||^2 per code
     weight: float  # sum of w_i
+
+    @property
+    def loss(self):
+        """``sum of w_i ||x_i - c(x_i)||^2`` over the batch."""
+        return float(self.distortions.sum())
 
     def __add__(self, other):
         return BatchStatistics(
             self.counts + other.counts,
             self.sums + other.sums,
-            self.loss + other.loss,
+            self.distortions + other.distortions,
             self.weight + other.weight,
         )
 
@@ -259,6 +264,8 @@ def batch_statistics(index, X, sample_weight, n_codes, n_jobs=None, bounds=None)
     Returns
     -------
     stats : BatchStatistics
+    labels : ndarray of shape (n_samples,)
+        Code of each row.
     sq_dist : ndarray of shape (n_samples,)
         Squared distance of each row to its code.
     """
@@ -267,8 +274,11 @@ def batch_statistics(index, X, sample_weight, n_codes, n_jobs=None, bounds=None)
     else:
         labels, sq_dist = bounds.assign(index, X, n_jobs)
     counts, sums = code_statistics(X, labels, sample_weight, n_codes, n_jobs)
-    loss = float(np.dot(sample_weight, sq_dist))
-    return BatchStatistics(counts, sums, loss, float(sample_weight.sum())), sq_dist
+    distortions = np.bincount(
+        labels, weights=sample_weight * sq_dist, minlength=n_codes
+    )
+    stats = BatchStatistics(counts, sums, distortions, float(sample_weight.sum()))
+    return stats, labels, sq_dist
 
 
 class LloydBounds:
@@ -329,16 +339,15 @@ def ema_update(counts, sums, codebook, batch_counts, batch_sums, momentum):
 
     ``n_k <- m n_k + (1 - m) batch_counts_k``,
     ``s_k <- m s_k + (1 - m) batch_sums_k`` and ``c_k <- s_k / n_k`` for every
-    code that received weight.  A code that received none keeps its vector
+    code that received weight (the per-code distortion follows the same rule,
+    see :func:`ema_average`).  A code that received none keeps its vector
     exactly (in exact arithmetic ``s_k / n_k`` does not change); its sum is
     re-expressed as ``c_k n_k`` so that rounding cannot make ``s_k / n_k``
     drift from ``c_k`` over a long wait, and its count is kept above
     ``COUNT_FLOOR`` so that it never underflows to 0.
     """
-    new_counts = momentum * counts
-    new_counts += (1.0 - momentum) * batch_counts
-    new_sums = momentum * sums
-    new_sums += (1.0 - momentum) * batch_sums
+    new_counts = ema_average(counts, batch_counts, momentum)
+    new_sums = ema_average(sums, batch_sums, momentum)
     won = batch_counts > 0
     new_codebook = codebook.copy()
     rows = np.flatnonzero(won)  # gathers: few rows win in a small batch
@@ -349,26 +358,34 @@ def ema_update(counts, sums, codebook, batch_counts, batch_sums, momentum):
     return new_counts, new_sums, new_codebook
 
 
-def reseed_dead_codes(codebook, counts, sums, dead, X, sample_weight, sq_dist, rng):
+def ema_average(value, batch_value, momentum):
+    """``m * value + (1 - m) * batch_value``, a new array."""
+    new = momentum * value
+    new += (1.0 - momentum) * batch_value
+    return new
+
+
+def reseed_dead_codes(state, dead, X, sample_weight, sq_dist, rng, restart_count):
     """Move dead codes onto batch samples, k-means++ style.
 
-    ``(X, sample_weight, sq_dist)`` is the batch, or a weighted sample of it.
-    Dead codes, in ascending order, each take a distinct row of ``X`` drawn
-    with probability proportional to its weight times its squared distance
-    to the code book (``sq_dist``, updated after every pick), from the
-    distinct rows of positive weight in canonical order; a re-seeded code
-    restarts like a freshly initialised one (``n_k = 1``, ``s_k = c_k``).
+    ``state`` is ``(codebook, counts, sums, distortions)``, ``(X,
+    sample_weight, sq_dist)`` the batch, or a weighted sample of it.  Dead
+    codes, in ascending order, each take a distinct row of ``X`` drawn with
+    probability proportional to its weight times its squared distance to the
+    code book (``sq_dist``, updated after every pick), from the distinct rows
+    of positive weight in canonical order; a re-seeded code restarts with
+    count ``restart_count``, sum ``restart_count * c_k`` and distortion 0.
     Codes stay where they are once every row coincides with a code.
 
     Returns
     -------
-    codebook, counts, sums : ndarray
-        New arrays; the inputs are untouched.
+    state : tuple of ndarray
+        New ``(codebook, counts, sums, distortions)``; the inputs are untouched.
     reseeded : ndarray of int
         Indices of the codes that moved.
     """
     points, weights, d2 = canonical_sample(X, sample_weight, sq_dist)
-    codebook, counts, sums = codebook.copy(), counts.copy(), sums.copy()
+    codebook, counts, sums, distortions = (a.copy() for a in state)
     reseeded = []
     for k in np.flatnonzero(dead):
         potential = weights * d2
@@ -376,11 +393,13 @@ def reseed_dead_codes(codebook, counts, sums, dead, X, sample_weight, sq_dist, r
             break
         pick = points[weighted_draw(potential, 1, rng)[0]]
         codebook[k] = pick
-        counts[k] = 1.0
-        sums[k] = codebook[k]
+        counts[k] = restart_count
+        sums[k] = restart_count * codebook[k].astype(np.float64)
+        distortions[k] = 0.0
         np.minimum(d2, np.einsum("ij,ij->i", points - pick, points - pick), out=d2)
         reseeded.append(k)
-    return codebook, counts, sums, np.asarray(reseeded, dtype=np.intp)
+    state = (codebook, counts, sums, distortions)
+    return state, np.asarray(reseeded, dtype=np.intp)
 
 
 def perplexity(counts):

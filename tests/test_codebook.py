@@ -57,7 +57,11 @@ def test_partial_fit_follows_ema_rule_step_by_step(dtype, momentum, weighted):
     X = blobs(400, dtype=dtype)
     init = X[:6].astype(np.float64) + 0.5
     vq = VQCodebookTransformer(
-        n_codes=6, ema_momentum=momentum, init=init, dead_code_threshold=0
+        n_codes=6,
+        ema_momentum=momentum,
+        init=init,
+        dead_code_threshold=0,
+        relocate=False,
     )
     counts, sums, codebook = np.ones(6), init.astype(dtype).astype(np.float64), init
     codebook = codebook.astype(dtype).astype(np.float64)

@@ -183,3 +183,34 @@ def test_skvq_works_when_dask_cannot_be_imported():
         "print(vq.predict(np.random.rand(4, 2)))\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_partial_fit_on_dask_relocates_like_numpy(scheduler):
+    rng = np.random.RandomState(0)
+    a, b = np.zeros(4), np.full(4, 20.0)
+    init = a + rng.normal(size=(8, 4))
+    batches = [
+        np.where(rng.rand(600, 1) < 0.5, a, b) + rng.normal(size=(600, 4))
+        for _ in range(30)
+    ]
+    params = dict(n_codes=8, init=init, ema_momentum=0.9, dead_code_threshold=0)
+    eager, lazy = VQCodebookTransformer(**params), VQCodebookTransformer(**params)
+    for batch in batches:
+        eager.partial_fit(batch)
+        lazy.partial_fit(da.from_array(batch, chunks=(250, 4)))
+    assert eager.n_codes_relocated_ > 0
+    assert lazy.n_codes_relocated_ == eager.n_codes_relocated_
+    assert_allclose(lazy.codebook_, eager.codebook_, rtol=1e-8)
+    assert_allclose(lazy.ema_distortion_, eager.ema_distortion_, rtol=1e-8)
+
+
+def test_fit_on_dask_relocates_out_of_a_local_minimum(scheduler):
+    rng = np.random.RandomState(0)
+    centers = np.array([[0.0, 0.0], [10.0, 0.0], [20.0, 0.0]])
+    X = np.vstack([c + 0.3 * rng.normal(size=(300, 2)) for c in centers])
+    init = np.array([[-0.5, 0.0], [0.5, 0.0], [15.0, 0.0]])
+    params = dict(n_codes=3, init=init, batch_size=X.shape[0], random_state=0)
+    eager = VQCodebookTransformer(**params).fit(X)
+    lazy = VQCodebookTransformer(**params).fit(da.from_array(X, chunks=(200, 2)))
+    assert lazy.n_codes_relocated_ == eager.n_codes_relocated_ == 1
+    assert_allclose(lazy.codebook_, eager.codebook_, rtol=1e-10)

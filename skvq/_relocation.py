@@ -1,0 +1,294 @@
+"""Code relocation: move codes from where they cost least to where they help most.
+
+A local minimum of the distortion can still waste codes: several crowd a
+region that one would serve almost as well, while a single code serves a
+region that two would serve much better.  Lloyd steps and EMA updates never
+leave such a minimum, because each only moves a code within its own cell.
+Relocation, after the enhanced LBG algorithm of Patanè and Russo [1]_, moves
+a code across the space: the code whose removal costs least (merging its
+cell into its nearest neighbour's, a cost known exactly from the counts,
+Ward's formula) takes half of the cell whose split gains most (a cell split
+in two along its principal axis, refined by a few 2-means steps).
+
+Every function here assumes validated input and never modifies its inputs.
+
+References
+----------
+.. [1] G. Patanè and M. Russo, "The enhanced LBG algorithm", Neural Networks
+   14(9), 2001.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._kernels import canonical_sample
+
+# A cell is split only when it holds at least this many rows: the gain is
+# estimated by cross-fitting two halves, and each needs a few rows per child.
+MIN_SPLIT_ROWS = 8
+# Distinct rows of a cell that a split looks at, at most (the first ones in
+# canonical order, a hash order: a pseudo-random subset).
+MAX_SPLIT_ROWS = 4096
+# Power iterations for a cell's principal axis, then 2-means steps.
+_AXIS_ITER = 4
+_TWO_MEANS_ITER = 3
+
+
+@dataclass(frozen=True)
+class Relocation:
+    """One move: ``code`` leaves its cell to its nearest code ``into`` and
+    takes one half of the cell of ``split``, which keeps the other half."""
+
+    code: int
+    into: int
+    split: int
+    kept: np.ndarray  # new vector of `split`
+    moved: np.ndarray  # new vector of `code`
+    moved_share: float  # share of the split cell's weight that `code` takes
+    remaining: float  # share of the split cell's distortion that remains
+    gain: float  # estimated distortion saved by the split
+    cost: float  # distortion added by the merge (Ward's formula)
+
+
+def merge_costs(codebook, counts, candidates):
+    """Nearest other code of each candidate, and the cost of merging into it.
+
+    Merging cell ``i`` into cell ``l`` (both at their centroids) adds exactly
+    ``n_i n_l / (n_i + n_l) ||c_i - c_l||^2`` to the distortion.
+
+    Returns
+    -------
+    into : ndarray of shape (n_candidates,), dtype=intp
+    cost : ndarray of shape (n_candidates,), float64
+    """
+    codebook = codebook.astype(np.float64, copy=False)
+    sq_norms = np.einsum("ij,ij->i", codebook, codebook)
+    d2 = sq_norms[candidates, None] - 2.0 * (codebook[candidates] @ codebook.T)
+    d2 += sq_norms
+    np.maximum(d2, 0.0, out=d2)
+    d2[np.arange(candidates.shape[0]), candidates] = np.inf
+    into = np.argmin(d2, axis=1)
+    n_i, n_l = counts[candidates], counts[into]
+    total = n_i + n_l
+    safe_total = np.where(total > 0, total, 1.0)
+    cost = n_i * n_l / safe_total * d2[np.arange(candidates.shape[0]), into]
+    return into, cost
+
+
+def _two_means(Y, v):
+    """Two children of the rows ``Y`` (weights ``v``), or None if they coincide.
+
+    The rows are cut by the hyperplane through their mean normal to their
+    principal axis (found by power iteration from the row farthest from the
+    mean), then refined by a few 2-means steps.
+
+    Returns
+    -------
+    a, b : ndarray of shape (n_features,)
+    b_share : float
+        Share of the weight nearer ``b``.
+    """
+    total = v.sum()
+    weighted_sum = v @ Y
+    centred = Y - weighted_sum / total
+    sq = np.einsum("ij,ij->i", centred, centred)
+    axis = centred[np.argmax(sq)]
+    for _ in range(_AXIS_ITER):
+        axis = (v * (centred @ axis)) @ centred
+        norm = np.sqrt(axis @ axis)
+        if not norm > 0:
+            return None
+        axis /= norm
+    near_b = centred @ axis > 0
+    for _ in range(_TWO_MEANS_ITER + 1):
+        in_b = v * near_b
+        w_b = in_b.sum()
+        if not 0 < w_b < total:
+            return None
+        b_sum = in_b @ Y
+        b = b_sum / w_b
+        a = (weighted_sum - b_sum) / (total - w_b)
+        near_b = Y @ (b - a) > 0.5 * (b @ b - a @ a)
+    return a, b, float(w_b / total)
+
+
+def _sq_dist(Y, c):
+    diff = Y - c
+    return np.einsum("ij,ij->i", diff, diff)
+
+
+def split_cell(Y, v, code, min_gain=0.0):
+    """Held-out gain of replacing ``code`` by two children of its cell.
+
+    The children are fitted on all rows; the gain on those same rows is
+    biased upwards, so when it exceeds ``min_gain`` (else the cell is
+    passed over, at the cost of one 2-means fit), the gain is estimated
+    again by two-fold cross-fitting: children fitted on the even rows are
+    measured on the odd ones and the other way round, an honest estimate
+    even from a few rows.
+
+    Returns
+    -------
+    gain : float
+        Estimated decrease of ``sum v_i ||y_i - c||^2`` (may be negative).
+    split : tuple or None
+        ``(a, b, b_share, remaining)``: the children, the share of the
+        weight nearer ``b`` and the share of the distortion left after the
+        split; None when the rows cannot be split or gain too little.
+    """
+    Y = Y.astype(np.float64, copy=False)
+    code = code.astype(np.float64)
+    children = _two_means(Y, v)
+    if children is None:
+        return 0.0, None
+    a, b, b_share = children
+    before = float(v @ _sq_dist(Y, code))
+    after = float(v @ np.minimum(_sq_dist(Y, a), _sq_dist(Y, b)))
+    if not before - after > min_gain:
+        return 0.0, None
+    gain = 0.0
+    halves = (slice(0, None, 2), slice(1, None, 2))
+    for fit_rows, test_rows in (halves, halves[::-1]):
+        fold = _two_means(Y[fit_rows], v[fit_rows])
+        if fold is None:
+            return 0.0, None
+        test = Y[test_rows]
+        kept = _sq_dist(test, code)
+        split = np.minimum(_sq_dist(test, fold[0]), _sq_dist(test, fold[1]))
+        gain += float(v[test_rows] @ (kept - split))
+    remaining = after / before if before > 0 else 1.0
+    return gain, (a, b, b_share, min(remaining, 1.0))
+
+
+def cell_members(X, sample_weight, labels, cells, min_rows=1):
+    """Distinct rows of each of ``cells``, in canonical order, at most
+    ``MAX_SPLIT_ROWS`` of them, with their summed weights.
+
+    Like initialisation, relocation then depends only on the weighted
+    distribution of the rows (not on their order or repetition), and the
+    members of a batch's parts merge into those of the whole batch
+    (:func:`merge_members`).
+
+    Cells with fewer than ``min_rows`` rows are left out.
+
+    Returns
+    -------
+    members : dict
+        ``cell -> (Y, v)`` for the cells that hold rows of positive weight.
+    """
+    members = {}
+    for p in cells:
+        found = np.flatnonzero(labels == p)
+        if found.shape[0] >= max(min_rows, 1):
+            members[int(p)] = _first_distinct(X[found], sample_weight[found])
+    return {p: rows for p, rows in members.items() if rows[0].shape[0]}
+
+
+def _first_distinct(X, sample_weight):
+    points, weights = canonical_sample(X, sample_weight)
+    return points[:MAX_SPLIT_ROWS], weights[:MAX_SPLIT_ROWS]
+
+
+def merge_members(parts):
+    """The members of a batch from the members of its parts."""
+    merged = {}
+    for part in parts:
+        for p, rows in part.items():
+            merged.setdefault(p, []).append(rows)
+    return {
+        p: _first_distinct(*(np.concatenate(c) for c in zip(*rows, strict=True)))
+        for p, rows in merged.items()
+    }
+
+
+def split_rows(members, cell_weights):
+    """The members of the cells that may be split, weighted up to the whole cell.
+
+    Cells with fewer than ``MIN_SPLIT_ROWS`` rows are dropped; the weights of
+    the others are scaled to sum to the cell's weight in ``cell_weights``
+    (the rows may be a prefix of the cell).
+    """
+    rows = {}
+    for p, (Y, v) in members.items():
+        total = v.sum()
+        if Y.shape[0] >= MIN_SPLIT_ROWS and total > 0:
+            rows[p] = (Y, v * (cell_weights[p] / total))
+    return rows
+
+
+def plan_relocations(codebook, counts, rows, merge_candidates, max_moves, min_ratio):
+    """Moves that each split a cell whose gain exceeds ``min_ratio`` times the cost.
+
+    ``rows`` maps each split candidate to its rows and weights (in the units
+    of ``counts``), ``merge_candidates`` lists the codes that may move.
+    Candidates move in order of increasing merge cost, each to the remaining
+    cell of largest gain; the cells of a move (the moved code, its merge
+    partner, the split cell) are left out of later moves, so the moves are
+    independent.
+
+    Returns
+    -------
+    moves : list of Relocation
+    """
+    if not rows or not merge_candidates.shape[0] or codebook.shape[0] < 3:
+        return []  # a move involves three distinct codes
+    into, cost = merge_costs(codebook, counts, merge_candidates)
+    min_gain = min_ratio * cost.min()
+    splits = []
+    for p, (Y, v) in rows.items():
+        gain, split = split_cell(Y, v, codebook[p], min_gain)
+        if split is not None and gain > 0:
+            splits.append((gain, p, split))
+    splits.sort(key=lambda s: (-s[0], s[1]))
+    moves, used = [], set()
+    for j in np.argsort(cost, kind="stable"):
+        i, partner = int(merge_candidates[j]), int(into[j])
+        if len(moves) == max_moves or not splits:
+            break
+        if i in used or partner in used:
+            continue
+        choice = next((s for s in splits if s[1] not in (i, partner)), None)
+        if choice is None or not choice[0] > min_ratio * cost[j]:
+            break
+        gain, p, (a, b, b_share, remaining) = choice
+        splits.remove(choice)
+        used.update((i, partner, p))
+        moves.append(Relocation(i, partner, p, a, b, b_share, remaining, gain, cost[j]))
+    return moves
+
+
+def apply_relocations(state, moves):
+    """The code book state after ``moves``.
+
+    ``state`` is ``(codebook, counts, sums, distortions)``.  The code that
+    moves hands its count, sum and distortion (plus the merge cost) to its
+    partner; the split cell's count and remaining distortion are shared by
+    its two codes in proportion to their weight, each sum being the count
+    times its new vector, as if the cell had always been split.
+
+    Returns
+    -------
+    state : tuple of ndarray
+        New arrays; the inputs are untouched.
+    """
+    codebook, counts, sums, distortions = (a.copy() for a in state)
+    for move in moves:
+        i, partner, p = move.code, move.into, move.split
+        diff = codebook[i].astype(np.float64) - codebook[partner]
+        total = counts[i] + counts[partner]
+        ward = counts[i] * counts[partner] / total * (diff @ diff)
+        distortions[partner] += distortions[i] + ward
+        counts[partner] = total
+        sums[partner] += sums[i]
+        codebook[partner] = sums[partner] / total
+        left, n_p = distortions[p] * move.remaining, counts[p]
+        for k, vector, share in (
+            (p, move.kept, 1.0 - move.moved_share),
+            (i, move.moved, move.moved_share),
+        ):
+            codebook[k] = vector
+            counts[k] = n_p * share
+            sums[k] = counts[k] * codebook[k].astype(np.float64)
+            distortions[k] = left * share
+    return codebook, counts, sums, distortions
