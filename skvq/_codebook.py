@@ -880,10 +880,10 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         up to ``_PROBE_STEPS`` full steps.  A round whose distortion has not
         dropped below the converged one by then is undone, and the next
         round tries half as many moves (after a single move, another code
-        and another cell);
-        a kept round runs to convergence.  The rounds end when no move is
-        worth trying, after ``_MAX_UNDONE`` undone single moves, or at
-        ``max_iter``.
+        and another cell); a kept round runs to convergence.  The rounds end
+        when no move is worth trying, after ``_MAX_UNDONE`` undone single
+        moves, after a kept round that gained less than ``_MIN_ROUND_GAIN``,
+        or at half of ``max_iter``.
         """
         max_moves = max(1, self.n_codes // _FIT_MOVES_DIVISOR)
         stats, labels, best, _ = converged
