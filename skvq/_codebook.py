@@ -20,6 +20,7 @@ from sklearn.utils.validation import (
 
 from ._kernels import (
     LloydBounds,
+    assignment_statistics,
     batch_statistics,
     ema_average,
     ema_update,
@@ -647,17 +648,40 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         :class:`~skvq._kernels.LloydBounds`) carries distance bounds from one
         full step on ``X`` to the next.
         """
-        split_cells = self._split_candidates() if scale is None else ()
         stats, labels, sq_dist = batch_statistics(
             self._index, X, sample_weight, self.n_codes, self.n_jobs, bounds
         )
+        self._update(X, sample_weight, labels, sq_dist, stats, momentum, scale, pool)
+        return stats, labels
+
+    def _update(
+        self,
+        X,
+        sample_weight,
+        labels,
+        sq_dist,
+        stats=None,
+        momentum=None,
+        scale=None,
+        pool=None,
+    ):
+        """The EMA step of :meth:`_step` from a given assignment of ``X``.
+
+        The multi-codebook quantisers assign rows jointly (a residual code
+        depends on the codes of the other stages) and update each code book
+        through here; ``stats`` are computed when not given.
+        """
+        if stats is None:
+            stats = assignment_statistics(
+                X, labels, sq_dist, sample_weight, self.n_codes, self.n_jobs
+            )
+        split_cells = self._split_candidates() if scale is None else ()
         rows = slice(None) if pool is None else pool
         reseed_pool = (X[rows], sample_weight[rows], sq_dist[rows])
         members = cell_members(X, sample_weight, labels, split_cells, MIN_SPLIT_ROWS)
         self._apply_statistics(
             stats, reseed_pool, momentum, scale, split_rows(members, stats.counts)
         )
-        return stats, labels
 
     def _split_candidates(self):
         """Cells a stream's step may split: the largest EMA distortions.
@@ -684,7 +708,8 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         """The EMA update from a batch's summed statistics, then maintenance.
 
         ``reseed_pool`` is ``(rows, weights, sq_dist)``: the batch, or a
-        weighted sample of it, from which dead codes are re-seeded.  With a
+        weighted sample of it, from which dead codes are re-seeded (None: no
+        rows to re-seed from, dead codes wait).  With a
         ``scale`` (a full step of ``fit``), the statistics are multiplied by
         it and a code is dead only when its cell is empty: on all the data, a
         small count is a small cell, not a code that stopped winning.
@@ -758,7 +783,7 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
             dead |= copies
         if scale is not None:
             dead &= batch_counts == 0
-        if not dead.any():
+        if not dead.any() or reseed_pool is None:
             return state, dead, 0
         rng = np.random.default_rng([self._seed, self.n_steps_])
         state, reseeded = reseed_dead_codes(state, dead, *reseed_pool, rng, mean_count)

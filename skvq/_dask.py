@@ -21,7 +21,8 @@ import numpy as np
 from scipy import sparse
 from sklearn.utils import check_array, check_random_state
 
-from ._kernels import batch_statistics, weighted_mean_variance
+from ._kernels import assignment_statistics, batch_statistics, weighted_mean_variance
+from ._multi import _REFINE_PASSES, _REFINE_RTOL
 from ._relocation import cell_members, merge_members, split_rows
 
 # Rows of the weighted sample that a step gathers to re-seed dead codes.
@@ -353,3 +354,203 @@ def score(estimator, X, sample_weight):
     ]
     total = da.stack(parts).sum(axis=0)
     return -total[0] / total[1]
+
+
+# ------------------------------------------------- multi-codebook quantisers
+def checked_multi_input(estimator, X, *, reset):
+    """Shape and dtype checks of a Dask array for a multi-codebook quantiser."""
+    return _check_array(estimator, X, reset=reset)
+
+
+def multi_blockwise(estimator, method, X, *args):
+    """Lazy ``transform``, ``inverse_transform`` or ``score`` of a fitted
+    :class:`~skvq.ProductVQTransformer` or :class:`~skvq.ResidualVQTransformer`."""
+    if method == "score":
+        return _multi_score(estimator, X, *args)
+    n_codebooks = len(estimator.quantizers_)
+    if method == "inverse_transform":
+        X = X.rechunk({1: -1})
+        n_features = estimator.n_features_in_
+        dtype = estimator.quantizers_[0].codebook_.dtype
+        return X.map_blocks(
+            _apply_block,
+            estimator,
+            method,
+            chunks=(X.chunks[0], (n_features,)),
+            dtype=dtype,
+            meta=np.empty((0, n_features), dtype=dtype),
+        )
+    X = _check_array(estimator, X, reset=False)
+    if estimator.encode == "index":
+        return X.map_blocks(
+            _apply_block,
+            estimator,
+            method,
+            chunks=(X.chunks[0], (n_codebooks,)),
+            dtype=np.int64,
+            meta=np.empty((0, n_codebooks), dtype=np.int64),
+        )
+    width = n_codebooks * estimator.n_codes
+    return X.map_blocks(
+        _apply_block,
+        estimator,
+        method,
+        chunks=(X.chunks[0], (width,)),
+        dtype=X.dtype,
+        meta=sparse.csr_matrix((0, width), dtype=X.dtype),
+    )
+
+
+def _multi_score_parts(estimator, block, weights):
+    block, weights = _chunk(block, weights)
+    return np.array([np.dot(weights, estimator._sq_errors(block)), weights.sum()])
+
+
+def _multi_score(estimator, X, sample_weight):
+    X = _check_array(estimator, X, reset=False)
+    sample_weight = _check_weights(sample_weight, X)
+    blocks, weight_blocks = _blocks(X, sample_weight)
+    parts = [
+        da.from_delayed(
+            dask.delayed(_multi_score_parts)(estimator, block, weights),
+            shape=(2,),
+            dtype=np.float64,
+        )
+        for block, weights in zip(blocks, weight_blocks, strict=True)
+    ]
+    total = da.stack(parts).sum(axis=0)
+    return -total[0] / total[1]
+
+
+def _residual_chunk(estimator, block, weights, stages, pool_rows, seed, split_cells):
+    """Per-stage statistics of one chunk, from its joint (beam) encoding.
+
+    For every stage in ``stages``: the statistics of what the other stages
+    leave of the chunk's rows, a weighted sample of those targets for
+    re-seeding, and the members of the cells relocation may split.
+    """
+    block, weights = _chunk(block, weights)
+    codes = estimator._encode(block)
+    decoded = estimator._decode(codes)
+    rng = np.random.default_rng(seed)
+    rows = None
+    if pool_rows and weights.sum() > 0:
+        rows = rng.choice(block.shape[0], size=pool_rows, p=weights / weights.sum())
+    parts = []
+    for s in stages:
+        quantizer = estimator.quantizers_[s]
+        own = quantizer.codebook_[codes[:, s]]
+        target = block - decoded + own
+        diff = (target - own).astype(np.float64)
+        sq_dist = np.einsum("ij,ij->i", diff, diff)
+        stats = assignment_statistics(
+            target, codes[:, s], sq_dist, weights, estimator.n_codes
+        )
+        pool = None
+        if rows is not None:
+            pool_weights = np.full(pool_rows, weights.sum() / pool_rows)
+            pool = (target[rows], pool_weights, sq_dist[rows])
+        members = cell_members(target, weights, codes[:, s], split_cells[s])
+        parts.append((stats, pool, members))
+    return parts
+
+
+def _residual_step(estimator, X, sample_weight, stages, momentum=None, scale=None):
+    """One EMA step of the given stages from a reduction over the chunks."""
+    blocks, weight_blocks = _blocks(X, sample_weight)
+    reassign = estimator.dead_code_threshold > 0
+    n_rows = X.shape[0]
+    split_cells = {
+        s: (
+            estimator.quantizers_[s]._split_candidates()
+            if scale is None
+            else np.empty(0, dtype=np.intp)
+        )
+        for s in stages
+    }
+    chunk_parts = []
+    for i, (block, weights, rows) in enumerate(
+        zip(blocks, weight_blocks, X.chunks[0], strict=True)
+    ):
+        pool_rows = -(-REASSIGN_SAMPLE * rows // n_rows) if reassign else 0
+        first = estimator.quantizers_[stages[0]]
+        seed = [first._seed, first.n_steps_, i]
+        chunk_parts.append(
+            dask.delayed(_residual_chunk)(
+                estimator, block, weights, stages, pool_rows, seed, split_cells
+            )
+        )
+    chunk_parts = dask.compute(chunk_parts)[0]
+    for j, s in enumerate(stages):
+        triples = [parts[j] for parts in chunk_parts]
+        stats = triples[0][0]
+        for other in triples[1:]:
+            stats = stats + other[0]
+        if not stats.weight > 0:
+            raise ValueError(
+                "Sample weights must contain at least one non-zero number."
+            )
+        pools = [t[1] for t in triples if t[1] is not None]
+        pool = None
+        if pools:
+            pool = tuple(np.concatenate(c) for c in zip(*pools, strict=True))
+        splits = split_rows(merge_members([t[2] for t in triples]), stats.counts)
+        estimator.quantizers_[s]._apply_statistics(stats, pool, momentum, scale, splits)
+
+
+def fit_residual(estimator, X, sample_weight):
+    """``ResidualVQTransformer.fit`` on a Dask array.
+
+    The stages are trained greedily, each a Dask ``fit`` of a
+    :class:`~skvq.VQCodebookTransformer` on the lazy residuals of the stages
+    before it; the joint refinement then runs each stage's Lloyd step as a
+    reduction over the chunks (one pass of the data per stage).
+    """
+    X = _check_array(estimator, X, reset=True)
+    sample_weight = _check_weights(sample_weight, X)
+    estimator.quantizers_ = []
+    residual = X
+    for seed in estimator._seeds(estimator.n_stages):
+        quantizer = estimator._quantizer(seed).fit(
+            residual, sample_weight=sample_weight
+        )
+        estimator.quantizers_.append(quantizer)
+        decoded = X.map_blocks(
+            _decode_block, estimator, len(estimator.quantizers_), dtype=X.dtype
+        )
+        residual = X - decoded
+    scale = min(estimator.batch_size, X.shape[0]) / X.shape[0]
+    best, estimator.n_refinements_ = np.inf, 0
+    for _ in range(_REFINE_PASSES):
+        error = -float(_multi_score(estimator, X, sample_weight).compute())
+        if not error < best * (1.0 - _REFINE_RTOL):
+            break
+        best = error
+        for s in range(estimator.n_stages):
+            _residual_step(estimator, X, sample_weight, [s], 0.0, scale)
+        estimator.n_refinements_ += 1
+    estimator._finish_fit()
+    return estimator
+
+
+def _decode_block(block, estimator, n_stages):
+    """Decoding of a chunk by the first ``n_stages`` stages (greedy training)."""
+    quantizers = estimator.quantizers_
+    estimator.quantizers_ = quantizers[:n_stages]
+    try:
+        return estimator._decode(estimator._encode(np.ascontiguousarray(block)))
+    finally:
+        estimator.quantizers_ = quantizers
+
+
+def partial_fit_residual(estimator, X, sample_weight):
+    """``ResidualVQTransformer.partial_fit`` on a Dask array: one reduction."""
+    first = not hasattr(estimator, "quantizers_")
+    X = _check_array(estimator, X, reset=first)
+    sample_weight = _check_weights(sample_weight, X)
+    if first:
+        rng = check_random_state(estimator.random_state)
+        sample = _initial_sample(estimator._quantizer(None), X, sample_weight, rng)
+        estimator._start_stages(*sample)
+    _residual_step(estimator, X, sample_weight, list(range(len(estimator.quantizers_))))
+    return estimator

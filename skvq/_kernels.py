@@ -9,7 +9,7 @@ modify their inputs.
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import sparse
+from scipy import linalg, sparse
 
 from ._rows import group_rows
 from ._search import _n_threads as n_threads
@@ -273,12 +273,18 @@ def batch_statistics(index, X, sample_weight, n_codes, n_jobs=None, bounds=None)
         labels, sq_dist = index.nearest(X, n_jobs=n_jobs, return_sq_dist=True)
     else:
         labels, sq_dist = bounds.assign(index, X, n_jobs)
+    stats = assignment_statistics(X, labels, sq_dist, sample_weight, n_codes, n_jobs)
+    return stats, labels, sq_dist
+
+
+def assignment_statistics(X, labels, sq_dist, sample_weight, n_codes, n_jobs=None):
+    """:class:`BatchStatistics` of rows assigned to codes ``labels`` (at squared
+    distances ``sq_dist``), whatever chose the assignment."""
     counts, sums = code_statistics(X, labels, sample_weight, n_codes, n_jobs)
     distortions = np.bincount(
         labels, weights=sample_weight * sq_dist, minlength=n_codes
     )
-    stats = BatchStatistics(counts, sums, distortions, float(sample_weight.sum()))
-    return stats, labels, sq_dist
+    return BatchStatistics(counts, sums, distortions, float(sample_weight.sum()))
 
 
 class LloydBounds:
@@ -421,3 +427,47 @@ def weighted_mean_variance(X, sample_weight):
     centred = X - mean
     centred *= centred
     return float(np.mean((sample_weight @ centred) / total))
+
+
+def least_squares_codebooks(X, sample_weight, codes, codebooks, ridge=1e-6):
+    """Code books that best reconstruct ``X`` from fixed ``codes``, jointly.
+
+    With ``B`` the (weighted) one-hot matrix of the codes of all code books
+    side by side, the sum of the chosen code vectors is ``B C``; the code
+    books ``C`` minimising ``sum w_i ||x_i - (B C)_i||^2`` solve the normal
+    equations ``B^T W B C = B^T W X``.  A ridge of ``ridge`` times the mean
+    count pulls every code towards its current vector: it settles the
+    directions the data leave free (a shift of one code book undone by
+    another) and keeps unused codes in place.
+
+    Parameters
+    ----------
+    codes : ndarray of shape (n_samples, n_codebooks)
+    codebooks : list of ndarray of shape (n_codes, n_features)
+        The current code books (all of the same shape).
+
+    Returns
+    -------
+    codebooks : list of ndarray of shape (n_codes, n_features), float64
+    """
+    n_samples, n_codebooks = codes.shape
+    n_codes = codebooks[0].shape[0]
+    columns = codes + n_codes * np.arange(n_codebooks)
+    onehot = sparse.csr_matrix(
+        (
+            np.repeat(sample_weight, n_codebooks),
+            columns.ravel(),
+            np.arange(0, n_samples * n_codebooks + 1, n_codebooks),
+        ),
+        shape=(n_samples, n_codebooks * n_codes),
+    )
+    indicator = onehot.copy()
+    indicator.data[:] = 1.0
+    gram = (indicator.T @ onehot).toarray()
+    current = np.vstack(codebooks).astype(np.float64)
+    rhs = np.asarray(onehot.T @ X.astype(np.float64, copy=False))
+    strength = ridge * max(float(np.trace(gram)) / gram.shape[0], 1e-300)
+    gram[np.diag_indices_from(gram)] += strength
+    rhs += strength * current
+    solved = linalg.solve(gram, rhs, assume_a="pos")
+    return np.split(solved, n_codebooks)

@@ -69,10 +69,13 @@ def merge_costs(codebook, counts, candidates):
     np.maximum(d2, 0.0, out=d2)
     d2[np.arange(candidates.shape[0]), candidates] = np.inf
     into = np.argmin(d2, axis=1)
+    # The distance again, directly: exactly symmetric, so that two mutual
+    # neighbours get exactly the same cost.
+    diff = codebook[candidates] - codebook[into]
     n_i, n_l = counts[candidates], counts[into]
     total = n_i + n_l
     safe_total = np.where(total > 0, total, 1.0)
-    cost = n_i * n_l / safe_total * d2[np.arange(candidates.shape[0]), into]
+    cost = n_i * n_l / safe_total * np.einsum("ij,ij->i", diff, diff)
     return into, cost
 
 
@@ -242,7 +245,9 @@ def plan_relocations(codebook, counts, rows, merge_candidates, max_moves, min_ra
             splits.append((gain, p, split))
     splits.sort(key=lambda s: (-s[0], s[1]))
     moves, used = [], set()
-    for j in np.argsort(cost, kind="stable"):
+    # Ward's cost is symmetric: of two mutual neighbours, the lower index
+    # moves, whatever the rounding of the statistics that listed them.
+    for j in np.lexsort((merge_candidates, cost)):
         i, partner = int(merge_candidates[j]), int(into[j])
         if len(moves) == max_moves or not splits:
             break

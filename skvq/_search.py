@@ -513,3 +513,72 @@ class _CodebookIndex:
 
         _run_tasks(work, n_rows, block, n_threads, _TASK_ELEMENTS // n_codes)
         return out
+
+
+def residual_beam_search(X, codebooks, beam_size, n_jobs=None):
+    """Codes of ``X`` for a chain of residual code books.
+
+    Stage ``s`` quantises what the stages before it left.  With
+    ``beam_size=1`` each stage takes the exact nearest code of the residual
+    (:class:`_CodebookIndex`, greedy); otherwise the ``beam_size`` partial
+    reconstructions of lowest squared error are kept for every row from
+    stage to stage, and the best complete one wins.
+
+    ``codebooks`` holds one :class:`_CodebookIndex` per stage (beam search
+    reads their code vectors).
+
+    Returns
+    -------
+    codes : ndarray of shape (n_samples, n_stages), dtype=intp
+    sq_err : ndarray of shape (n_samples,), float64
+        Squared norm of what the codes leave of each row.
+    """
+    n_rows, n_features = X.shape
+    codes = np.empty((n_rows, len(codebooks)), dtype=np.intp)
+    if beam_size == 1:
+        residual = X.copy()
+        for s, index in enumerate(codebooks):
+            codes[:, s] = index.nearest(residual, n_jobs=n_jobs)[0]
+            residual -= index.codebook[codes[:, s]]
+        residual = residual.astype(np.float64, copy=False)
+        return codes, np.einsum("ij,ij->i", residual, residual)
+    vectors = [index.codebook.astype(np.float64) for index in codebooks]
+    n_codes = vectors[0].shape[0]
+    block = max(1, 2**21 // (beam_size * n_codes))
+    sq_err = np.empty(n_rows)
+    for start in range(0, n_rows, block):
+        rows = slice(start, start + block)
+        codes[rows], sq_err[rows] = _beam_block(X[rows], vectors, beam_size)
+    return codes, sq_err
+
+
+def _beam_block(X, vectors, beam_size):
+    """Beam search on a block of rows, in float64."""
+    n_rows = X.shape[0]
+    residual = X.astype(np.float64)[:, None, :]  # (rows, beams, features)
+    err = np.einsum("ijk,ijk->ij", residual, residual)
+    paths = np.empty((n_rows, 1, 0), dtype=np.intp)
+    arange = np.arange(n_rows)[:, None]
+    for codebook in vectors:
+        n_codes = codebook.shape[0]
+        n_beams = residual.shape[1]
+        flat_residual = residual.reshape(-1, residual.shape[2])
+        scores = (flat_residual @ codebook.T).reshape(n_rows, n_beams, n_codes)
+        scores *= -2.0
+        scores += err[:, :, None]
+        scores += np.einsum("ij,ij->i", codebook, codebook)
+        scores = scores.reshape(n_rows, -1)
+        # The best extensions, best first, ties to the lowest (beam, code):
+        # a few argmin passes beat a partial sort of every row.
+        keep = min(beam_size, scores.shape[1])
+        top = np.empty((n_rows, keep), dtype=np.intp)
+        for rank in range(keep):
+            top[:, rank] = np.argmin(scores, axis=1)
+            scores[arange[:, 0], top[:, rank]] = np.inf
+        parent, code = np.divmod(top, n_codes)
+        residual = residual[arange, parent] - codebook[code]
+        err = np.einsum("ijk,ijk->ij", residual, residual)
+        paths = np.concatenate([paths[arange, parent], code[:, :, None]], axis=2)
+    # Exact errors of the kept paths decide the winner.
+    best = np.argmin(err, axis=1)
+    return paths[np.arange(n_rows), best], err[np.arange(n_rows), best]

@@ -214,3 +214,39 @@ def test_fit_on_dask_relocates_out_of_a_local_minimum(scheduler):
     lazy = VQCodebookTransformer(**params).fit(da.from_array(X, chunks=(200, 2)))
     assert lazy.n_codes_relocated_ == eager.n_codes_relocated_ == 1
     assert_allclose(lazy.codebook_, eager.codebook_, rtol=1e-10)
+
+
+@pytest.mark.parametrize("Estimator", ["ProductVQTransformer", "ResidualVQTransformer"])
+def test_multi_codebook_partial_fit_on_dask_equals_numpy(scheduler, Estimator):
+    import skvq
+
+    X = data(3000)
+    params = dict(n_codes=8, ema_momentum=0.9, dead_code_threshold=0, random_state=0)
+    eager = getattr(skvq, Estimator)(**params)
+    lazy = getattr(skvq, Estimator)(**params)
+    for batch in np.array_split(X, 3):
+        eager.partial_fit(batch)
+        lazy.partial_fit(da.from_array(batch, chunks=(400, 6)))
+    for a, b in zip(lazy.codebooks_, eager.codebooks_, strict=True):
+        assert_allclose(a, b, rtol=1e-8)
+    Xd = da.from_array(X, chunks=(700, 6))
+    codes = lazy.transform(Xd)
+    assert isinstance(codes, da.Array)
+    assert_array_equal(codes.compute(), eager.transform(X))
+    assert_allclose(
+        lazy.inverse_transform(codes).compute(),
+        eager.inverse_transform(codes.compute()),
+    )
+    assert float(lazy.score(Xd).compute()) == pytest.approx(eager.score(X))
+
+
+@pytest.mark.parametrize("Estimator", ["ProductVQTransformer", "ResidualVQTransformer"])
+def test_multi_codebook_fit_on_dask_matches_numpy_quality(scheduler, Estimator):
+    import skvq
+
+    X = data(6000)
+    params = dict(n_codes=16, random_state=0, max_iter=30)
+    eager = getattr(skvq, Estimator)(**params).fit(X)
+    lazy = getattr(skvq, Estimator)(**params).fit(da.from_array(X, chunks=(1000, 6)))
+    assert lazy.n_features_in_ == 6
+    assert -lazy.score(X) <= 1.05 * -eager.score(X)

@@ -16,7 +16,7 @@ from sklearn.utils.estimator_checks import (
     parametrize_with_checks,
 )
 
-from skvq import VQCodebookTransformer
+from skvq import ProductVQTransformer, ResidualVQTransformer, VQCodebookTransformer
 
 CONFIGURATIONS = [
     VQCodebookTransformer(),
@@ -27,6 +27,10 @@ CONFIGURATIONS = [
     VQCodebookTransformer(algorithm="brute"),
     VQCodebookTransformer(n_codes=3, ema_momentum=0.1),
     VQCodebookTransformer(n_codes=4, init="random"),
+    ProductVQTransformer(),
+    ProductVQTransformer(n_codes=8, n_subspaces=2, encode="onehot"),
+    ResidualVQTransformer(n_stages=2),
+    ResidualVQTransformer(n_codes=8, n_stages=3, beam_size=3, encode="onehot"),
 ]
 
 EXTRA_CHECKS = [

@@ -1,0 +1,190 @@
+"""Multi-codebook quantisers against faiss and nanopq.
+
+Same training rows for everyone, 8 code books of 256 codes (64-bit codes),
+relative MSE (mean squared reconstruction error over the total variance) on
+held-out rows, training time and encode throughput, on:
+
+- load_digits (64-d; 1,437 training rows, 360 held out);
+- 8x8 patches of scikit-learn's two sample images (192-d, 40,000 rows:
+  32,000 training, 8,000 held out);
+- ``make_low_rank_matrix(60000, 128, effective_rank=16)`` (48,000 / 12,000).
+
+faiss-cpu and nanopq are optional (``pip install faiss-cpu nanopq``); the
+contenders that are missing are skipped.
+
+    python benchmarks/multi_bench.py [--quick] [--sets digits patches lowrank]
+"""
+
+import argparse
+import time
+import warnings
+
+import numpy as np
+from sklearn.datasets import load_digits, load_sample_images, make_low_rank_matrix
+from sklearn.feature_extraction.image import extract_patches_2d
+
+from skvq import ProductVQTransformer, ResidualVQTransformer, VQCodebookTransformer
+
+try:
+    import faiss
+except ImportError:  # pragma: no cover
+    faiss = None
+try:
+    import nanopq
+except ImportError:  # pragma: no cover
+    nanopq = None
+
+M, NBITS = 8, 8
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def split(X, n_test, seed=0):
+    order = np.random.RandomState(seed).permutation(X.shape[0])
+    X = np.ascontiguousarray(X[order], dtype=np.float32)
+    return X[n_test:], X[:n_test]
+
+
+def datasets(names, quick=False):
+    if "digits" in names:
+        yield "load_digits", *split(load_digits().data, 360)
+    if "patches" in names:
+        rows = 4_000 if quick else 20_000
+        patches = [
+            extract_patches_2d(image, (8, 8), max_patches=rows, random_state=i)
+            for i, image in enumerate(load_sample_images().images)
+        ]
+        X = np.concatenate(patches).reshape(2 * rows, -1) / 255.0
+        yield "8x8x3 patches", *split(X, X.shape[0] // 5)
+    if "lowrank" in names:
+        n = 12_000 if quick else 60_000
+        X = make_low_rank_matrix(n, 128, effective_rank=16, random_state=0)
+        yield "low rank 128-d", *split(X, n // 5)
+
+
+class _Skvq:
+    def __init__(self, estimator):
+        self.estimator = estimator
+
+    def train(self, X):
+        self.estimator.fit(X)
+
+    def encode(self, X):
+        return self.estimator.compress(X)
+
+    def decode(self, codes):
+        return self.estimator.inverse_transform(codes)
+
+
+class _FaissPQ:
+    def __init__(self, d):
+        self.pq = faiss.ProductQuantizer(d, M, NBITS)
+
+    def train(self, X):
+        self.pq.train(X)
+
+    def encode(self, X):
+        return self.pq.compute_codes(X)
+
+    def decode(self, codes):
+        return self.pq.decode(codes)
+
+
+class _FaissRQ(_FaissPQ):
+    def __init__(self, d, beam):
+        self.pq = faiss.ResidualQuantizer(d, M, NBITS)
+        self.pq.max_beam_size = beam
+
+
+class _NanoPQ:
+    def __init__(self):
+        self.pq = nanopq.PQ(M=M, Ks=2**NBITS, verbose=False)
+
+    def train(self, X):
+        self.pq.fit(X, seed=0)
+
+    def encode(self, X):
+        return self.pq.encode(X)
+
+    def decode(self, codes):
+        return self.pq.decode(codes)
+
+
+def contenders(d):
+    found = {
+        "skvq PQ": lambda: _Skvq(ProductVQTransformer(256, M, random_state=0)),
+        "skvq RVQ beam 1": lambda: _Skvq(ResidualVQTransformer(256, M, random_state=0)),
+        "skvq RVQ beam 5": lambda: _Skvq(
+            ResidualVQTransformer(256, M, beam_size=5, random_state=0)
+        ),
+        "skvq single VQ (8 bits)": lambda: _Skvq(
+            _single(VQCodebookTransformer(256, random_state=0))
+        ),
+    }
+    if faiss is not None:
+        found["faiss PQ"] = lambda: _FaissPQ(d)
+        found["faiss RQ beam 1"] = lambda: _FaissRQ(d, 1)
+        found["faiss RQ beam 5"] = lambda: _FaissRQ(d, 5)
+    if nanopq is not None:
+        found["nanopq PQ"] = _NanoPQ
+    return found
+
+
+def _single(vq):
+    """A one-code-book quantiser with the compress/decode interface."""
+    vq.compress = lambda X: vq.predict(X)[:, None]
+    vq.inverse_transform = lambda codes: vq.codebook_[np.asarray(codes)[:, 0]]
+    return vq
+
+
+def run(name, train, test):
+    total = float(np.sum(test.var(axis=0)))
+    print(
+        f"\n## {name}: {train.shape[0]} training rows, {test.shape[0]} held out, "
+        f"{train.shape[1]} features"
+    )
+    print("\n| contender | relative MSE (held out) | training (s) | encode (rows/s) |")
+    print("|---|---|---|---|")
+    for label, make in contenders(train.shape[1]).items():
+        model = make()
+        start = time.perf_counter()
+        model.train(train)
+        train_time = time.perf_counter() - start
+        start = time.perf_counter()
+        codes = model.encode(test)
+        encode_time = time.perf_counter() - start
+        error = np.mean(np.sum((test - model.decode(codes)) ** 2, axis=1)) / total
+        print(
+            f"| {label} | {error:.4f} | {train_time:.2f} "
+            f"| {test.shape[0] / encode_time:,.0f} |",
+            flush=True,
+        )
+        time.sleep(0.5)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sets")
+    parser.add_argument("--sets", nargs="+", default=["digits", "patches", "lowrank"])
+    args = parser.parse_args()
+    warnings.simplefilter("ignore", UserWarning)
+    print(f"# Multi-codebook quantisers on {cpu_model()}")
+    print(
+        f"faiss: {'installed' if faiss else 'missing'}; "
+        f"nanopq: {'installed' if nanopq else 'missing'}"
+    )
+    for name, train, test in datasets(args.sets, args.quick):
+        run(name, train, test)
+
+
+if __name__ == "__main__":
+    main()
