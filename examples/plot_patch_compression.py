@@ -119,5 +119,5 @@ plt.show()
 # colour, gradients), the residual quantiser wins at every rate: its first
 # stages capture the shared structure of the whole patch, where each product
 # subspace sees only a few rows of pixels.  32 bits store a 192-number patch
-# in 4 bytes (48 times smaller than float32 pixels).  See
+# in 4 bytes, 48 times smaller than its 8-bit pixels.  See
 # :doc:`/multi_codebook` for how to choose between them.

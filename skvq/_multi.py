@@ -415,7 +415,7 @@ class ProductVQTransformer(_MultiCodebookQuantizer):
     codebooks_ : list of ndarray of shape (n_codes, subspace size)
         The code vectors of each subspace.
 
-    subspace_bounds_ : ndarray of shape (n_subspaces_ + 1,)
+    subspace_bounds_ : ndarray of shape (`n_subspaces_` + 1,)
         Subspace ``j`` holds features ``subspace_bounds_[j]`` to
         ``subspace_bounds_[j + 1] - 1``.
 
@@ -425,7 +425,7 @@ class ProductVQTransformer(_MultiCodebookQuantizer):
     bits_per_vector_ : float
         ``n_subspaces_ * log2(n_codes)``.
 
-    perplexity_ : ndarray of shape (n_subspaces_,)
+    perplexity_ : ndarray of shape (`n_subspaces_`,)
         Perplexity of the EMA usage of each code book.
 
     n_features_in_ : int
