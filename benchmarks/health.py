@@ -22,28 +22,17 @@ before/after comparison; parameters the old release lacks are skipped.
 
 import argparse
 import inspect
-import platform
 import time
 import warnings
 
 import numpy as np
+from bench import machine
 from sklearn.cluster import KMeans
 from sklearn.datasets import load_digits, load_sample_image
 
 from skvq import VQCodebookTransformer
 
 HAS_RELOCATE = "relocate" in inspect.signature(VQCodebookTransformer).parameters
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def vq(**params):
@@ -248,7 +237,7 @@ def main():
     )
     args = parser.parse_args()
     warnings.simplefilter("ignore", UserWarning)
-    print(f"# skvq codebook health on {cpu_model()}")
+    print(f"# skvq codebook health on {machine()}")
     thresholds = [0.0, 0.01, 0.05, 0.1, 0.2] if HAS_RELOCATE else [0.0, 0.5]
     cases = [(64, 256), (256, 256), (4096, 256), (65536, 8), (256, 4096)]
     if args.quick:

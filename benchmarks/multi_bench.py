@@ -20,6 +20,7 @@ import time
 import warnings
 
 import numpy as np
+from bench import machine
 from sklearn.datasets import load_digits, load_sample_images, make_low_rank_matrix
 from sklearn.feature_extraction.image import extract_patches_2d
 
@@ -35,17 +36,6 @@ except ImportError:  # pragma: no cover
     nanopq = None
 
 M, NBITS = 8, 8
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def split(X, n_test, seed=0):
@@ -177,7 +167,7 @@ def main():
     parser.add_argument("--sets", nargs="+", default=["digits", "patches", "lowrank"])
     args = parser.parse_args()
     warnings.simplefilter("ignore", UserWarning)
-    print(f"# Multi-codebook quantisers on {cpu_model()}")
+    print(f"# Multi-codebook quantisers on {machine()}")
     print(
         f"faiss: {'installed' if faiss else 'missing'}; "
         f"nanopq: {'installed' if nanopq else 'missing'}"

@@ -1132,8 +1132,11 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
             return self._lazy("score", X, sample_weight)
         X = self._validated_query(X)
         sample_weight = _checked_weights(sample_weight, X)
-        _, sq_dist = self._index.nearest(X, n_jobs=self.n_jobs, return_sq_dist=True)
-        return -weighted_mean(sq_dist, sample_weight)
+        return -weighted_mean(self._sq_errors(X), sample_weight)
+
+    def _sq_errors(self, X):
+        """Squared distance of each row of validated ``X`` to its code."""
+        return self._index.nearest(X, n_jobs=self.n_jobs, return_sq_dist=True)[1]
 
     def get_feature_names_out(self, input_features=None):
         """Get the names of the output columns of :meth:`transform`.

@@ -335,12 +335,12 @@ def inverse_transform(estimator, X):
 
 def _score_parts(estimator, block, weights):
     block, weights = _chunk(block, weights)
-    _, sq_dist = estimator._index.nearest(block, return_sq_dist=True)
-    return np.array([np.dot(weights, sq_dist), weights.sum()])
+    return np.array([np.dot(weights, estimator._sq_errors(block)), weights.sum()])
 
 
 def score(estimator, X, sample_weight):
-    """Minus the weighted mean squared distance, as a lazy 0-d Dask array."""
+    """Minus the weighted mean squared reconstruction error of any skvq
+    quantiser, as a lazy 0-d Dask array."""
     X = _check_array(estimator, X, reset=False)
     sample_weight = _check_weights(sample_weight, X)
     blocks, weight_blocks = _blocks(X, sample_weight)
@@ -366,7 +366,7 @@ def multi_blockwise(estimator, method, X, *args):
     """Lazy ``transform``, ``inverse_transform`` or ``score`` of a fitted
     :class:`~skvq.ProductVQTransformer` or :class:`~skvq.ResidualVQTransformer`."""
     if method == "score":
-        return _multi_score(estimator, X, *args)
+        return score(estimator, X, *args)
     n_codebooks = len(estimator.quantizers_)
     if method == "inverse_transform":
         X = X.rechunk({1: -1})
@@ -399,27 +399,6 @@ def multi_blockwise(estimator, method, X, *args):
         dtype=X.dtype,
         meta=sparse.csr_matrix((0, width), dtype=X.dtype),
     )
-
-
-def _multi_score_parts(estimator, block, weights):
-    block, weights = _chunk(block, weights)
-    return np.array([np.dot(weights, estimator._sq_errors(block)), weights.sum()])
-
-
-def _multi_score(estimator, X, sample_weight):
-    X = _check_array(estimator, X, reset=False)
-    sample_weight = _check_weights(sample_weight, X)
-    blocks, weight_blocks = _blocks(X, sample_weight)
-    parts = [
-        da.from_delayed(
-            dask.delayed(_multi_score_parts)(estimator, block, weights),
-            shape=(2,),
-            dtype=np.float64,
-        )
-        for block, weights in zip(blocks, weight_blocks, strict=True)
-    ]
-    total = da.stack(parts).sum(axis=0)
-    return -total[0] / total[1]
 
 
 def _residual_chunk(estimator, block, weights, stages, pool_rows, seed, split_cells):
@@ -522,7 +501,7 @@ def fit_residual(estimator, X, sample_weight):
     scale = min(estimator.batch_size, X.shape[0]) / X.shape[0]
     best, estimator.n_refinements_ = np.inf, 0
     for _ in range(_REFINE_PASSES):
-        error = -float(_multi_score(estimator, X, sample_weight).compute())
+        error = -float(score(estimator, X, sample_weight).compute())
         if not error < best * (1.0 - _REFINE_RTOL):
             break
         best = error
