@@ -30,13 +30,13 @@ from ._codebook import (
     _is_dask_array,
 )
 from ._kernels import COUNT_FLOOR, canonical_sample, least_squares_codebooks
-from ._search import residual_beam_search
+from ._search import extend_beams, residual_beam_search
 
 # Passes of joint refinement after the greedy training of a residual
 # quantiser, at most; they stop earlier when the error drops by less than
 # this fraction.
 _REFINE_PASSES = 20
-_REFINE_RTOL = 1e-4
+_REFINE_RTOL = 1e-3
 # Joint least-squares refinement up to this many codes in all (a dense
 # system of this size); beyond, a Lloyd step per stage.
 _JOINT_SOLVE_MAX = 4096
@@ -618,10 +618,11 @@ class ResidualVQTransformer(_MultiCodebookQuantizer):
 
     ``fit`` trains the stages greedily (stage ``s`` is a
     :class:`VQCodebookTransformer` fitted on the residuals of the stages
-    before it), then refines them jointly: the rows are encoded by beam
-    search and each code book in turn moves to the means of what the other
-    stages leave of its rows (a Lloyd step per stage), until the error drops
-    by less than 0.01 % or 20 passes.  ``partial_fit`` encodes the batch
+    before it), then refines them jointly: every code book is solved again
+    at once by least squares for the current codes (a Lloyd step per stage
+    in turn when ``n_stages * n_codes > 4096``) and the rows are encoded
+    again; a pass is kept only if the error drops, and the passes stop when
+    it drops by less than 0.1 % (at most 20).  ``partial_fit`` encodes the batch
     with the current code books and makes one EMA step of every stage on
     those targets.
 
@@ -768,24 +769,33 @@ class ResidualVQTransformer(_MultiCodebookQuantizer):
             points, sample_weight = canonical_sample(X, sample_weight)
             X = points.astype(X.dtype)
             self.quantizers_ = []
-            residual = X
+            residual, paths = X, None
             for seed in self._seeds(self.n_stages):
                 quantizer = self._quantizer(seed).fit(
                     residual, sample_weight=sample_weight
                 )
                 self.quantizers_.append(quantizer)
-                residual = self._next_residual(X, residual, quantizer)
+                residual, paths = self._next_residual(X, residual, quantizer, paths)
             self._refine(X, sample_weight)
             self._finish_fit()
         return self
 
-    def _next_residual(self, X, residual, quantizer):
-        """What the stages so far leave of ``X``: greedy encoding only needs
-        the new stage's nearest codes, beam search encodes again."""
+    def _next_residual(self, X, residual, quantizer, paths):
+        """What the stages so far leave of ``X``, after adding ``quantizer``.
+
+        Greedy encoding only needs the new stage's nearest codes; beam
+        search extends the kept ``paths`` (None before the first stage) by
+        the new stage, and the residual is that of each row's best path.
+        Returns ``(residual, paths)``.
+        """
         if self.beam_size == 1:
             labels = quantizer._index.nearest(residual, n_jobs=self.n_jobs)[0]
-            return residual - quantizer.codebook_[labels]
-        return X - self._decode(self._encode(X))
+            return residual - quantizer.codebook_[labels], paths
+        if paths is None:
+            paths = np.empty((X.shape[0], 1, 0), dtype=np.intp)
+        vectors = [q.codebook_.astype(np.float64) for q in self.quantizers_]
+        paths, _ = extend_beams(X, paths, vectors[:-1], vectors[-1], self.beam_size)
+        return X - self._decode(paths[:, 0]), paths
 
     def _refine(self, X, sample_weight):
         """Joint passes after greedy training: re-solve, re-encode, repeat.
@@ -908,12 +918,12 @@ class ResidualVQTransformer(_MultiCodebookQuantizer):
     def _start_stages(self, X, sample_weight):
         """Initialise every stage from the residuals of the first batch."""
         self.quantizers_ = []
-        residual = X
+        residual, paths = X, None
         for seed in self._seeds(self.n_stages):
             quantizer = self._quantizer(seed)
             self._start(quantizer, residual, sample_weight, seed)
             self.quantizers_.append(quantizer)
-            residual = self._next_residual(X, residual, quantizer)
+            residual, paths = self._next_residual(X, residual, quantizer, paths)
         self._finish_fit()
 
     def _encode(self, X, return_sq_err=False):

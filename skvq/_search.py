@@ -543,42 +543,70 @@ def residual_beam_search(X, codebooks, beam_size, n_jobs=None):
         residual = residual.astype(np.float64, copy=False)
         return codes, np.einsum("ij,ij->i", residual, residual)
     vectors = [index.codebook.astype(np.float64) for index in codebooks]
-    n_codes = vectors[0].shape[0]
-    block = max(1, 2**21 // (beam_size * n_codes))
-    sq_err = np.empty(n_rows)
+    paths = np.empty((n_rows, 1, 0), dtype=np.intp)
+    for s, codebook in enumerate(vectors):
+        paths, sq_err = extend_beams(X, paths, vectors[:s], codebook, beam_size)
+    return paths[:, 0], sq_err[:, 0]
+
+
+def extend_beams(X, paths, vectors, codebook, beam_size):
+    """Extend each row's partial encodings by one more stage, beam search.
+
+    ``paths`` of shape ``(n_samples, n_beams, n_stages)`` holds each row's
+    kept encodings by the code books ``vectors`` (float64); every path is
+    extended by every code of ``codebook`` and the ``beam_size`` extensions
+    of lowest squared error are kept.  Rows are processed in blocks of a
+    few million scores.
+
+    Returns
+    -------
+    paths : ndarray of shape (n_samples, beam_size, n_stages + 1)
+        Best first (ties to the lowest parent beam and code).
+    sq_err : ndarray of shape (n_samples, beam_size)
+        Squared norm of what each path leaves of its row.
+    """
+    n_rows, n_beams, _ = paths.shape
+    keep = min(beam_size, n_beams * codebook.shape[0])
+    block = max(1, 2**21 // (n_beams * codebook.shape[0]))
+    new_paths = np.empty((n_rows, keep, paths.shape[2] + 1), dtype=np.intp)
+    sq_err = np.empty((n_rows, keep))
     for start in range(0, n_rows, block):
         rows = slice(start, start + block)
-        codes[rows], sq_err[rows] = _beam_block(X[rows], vectors, beam_size)
-    return codes, sq_err
+        new_paths[rows], sq_err[rows] = _extend_block(
+            X[rows], paths[rows], vectors, codebook, keep
+        )
+    return new_paths, sq_err
 
 
-def _beam_block(X, vectors, beam_size):
-    """Beam search on a block of rows, in float64."""
-    n_rows = X.shape[0]
-    residual = X.astype(np.float64)[:, None, :]  # (rows, beams, features)
+def _extend_block(X, paths, vectors, codebook, keep):
+    """:func:`extend_beams` on a block of rows, in float64."""
+    n_rows, n_beams, _ = paths.shape
+    n_codes = codebook.shape[0]
+    residual = np.repeat(X.astype(np.float64)[:, None, :], n_beams, axis=1)
+    for t, stage in enumerate(vectors):
+        residual -= stage[paths[:, :, t]]
     err = np.einsum("ijk,ijk->ij", residual, residual)
-    paths = np.empty((n_rows, 1, 0), dtype=np.intp)
-    arange = np.arange(n_rows)[:, None]
-    for codebook in vectors:
-        n_codes = codebook.shape[0]
-        n_beams = residual.shape[1]
-        flat_residual = residual.reshape(-1, residual.shape[2])
-        scores = (flat_residual @ codebook.T).reshape(n_rows, n_beams, n_codes)
-        scores *= -2.0
-        scores += err[:, :, None]
-        scores += np.einsum("ij,ij->i", codebook, codebook)
-        scores = scores.reshape(n_rows, -1)
-        # The best extensions, best first, ties to the lowest (beam, code):
-        # a few argmin passes beat a partial sort of every row.
-        keep = min(beam_size, scores.shape[1])
-        top = np.empty((n_rows, keep), dtype=np.intp)
-        for rank in range(keep):
-            top[:, rank] = np.argmin(scores, axis=1)
-            scores[arange[:, 0], top[:, rank]] = np.inf
-        parent, code = np.divmod(top, n_codes)
-        residual = residual[arange, parent] - codebook[code]
-        err = np.einsum("ijk,ijk->ij", residual, residual)
-        paths = np.concatenate([paths[arange, parent], code[:, :, None]], axis=2)
-    # Exact errors of the kept paths decide the winner.
-    best = np.argmin(err, axis=1)
-    return paths[np.arange(n_rows), best], err[np.arange(n_rows), best]
+    scores = (residual.reshape(-1, residual.shape[2]) @ codebook.T).reshape(
+        n_rows, n_beams, n_codes
+    )
+    scores *= -2.0
+    scores += err[:, :, None]
+    scores += np.einsum("ij,ij->i", codebook, codebook)
+    scores = scores.reshape(n_rows, -1)
+    # The best extensions, best first, ties to the lowest (beam, code): a few
+    # argmin passes beat a partial sort of every row.
+    arange = np.arange(n_rows)
+    top = np.empty((n_rows, keep), dtype=np.intp)
+    for rank in range(keep):
+        top[:, rank] = np.argmin(scores, axis=1)
+        scores[arange, top[:, rank]] = np.inf
+    parent, code = np.divmod(top, n_codes)
+    residual = residual[arange[:, None], parent] - codebook[code]
+    err = np.einsum("ijk,ijk->ij", residual, residual)
+    paths = np.concatenate([paths[arange[:, None], parent], code[:, :, None]], axis=2)
+    # Exact errors order the kept paths (stable: ties keep the order above).
+    order = np.argsort(err, axis=1, kind="stable")
+    return (
+        np.take_along_axis(paths, order[:, :, None], axis=1),
+        np.take_along_axis(err, order, axis=1),
+    )
