@@ -513,13 +513,12 @@ def fit_residual(estimator, X, sample_weight):
 
 
 def _decode_block(block, estimator, n_stages):
-    """Decoding of a chunk by the first ``n_stages`` stages (greedy training)."""
-    quantizers = estimator.quantizers_
-    estimator.quantizers_ = quantizers[:n_stages]
-    try:
-        return estimator._decode(estimator._encode(np.ascontiguousarray(block)))
-    finally:
-        estimator.quantizers_ = quantizers
+    """Decoding of a chunk by the first ``n_stages`` stages (greedy training).
+
+    Reads the estimator only: tasks of the threaded scheduler share it.
+    """
+    block = np.ascontiguousarray(block)
+    return estimator._decode(estimator._encode(block, n_stages=n_stages))
 
 
 def partial_fit_residual(estimator, X, sample_weight):

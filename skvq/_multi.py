@@ -926,14 +926,17 @@ class ResidualVQTransformer(_MultiCodebookQuantizer):
             residual, paths = self._next_residual(X, residual, quantizer, paths)
         self._finish_fit()
 
-    def _encode(self, X, return_sq_err=False):
+    def _encode(self, X, return_sq_err=False, n_stages=None):
+        """Codes of ``X`` by the first ``n_stages`` stages (default: all)."""
+        stages = self.quantizers_[:n_stages]
         codes, sq_err = residual_beam_search(
-            X, [q._index for q in self.quantizers_], self.beam_size, self.n_jobs
+            X, [q._index for q in stages], self.beam_size, self.n_jobs
         )
         return (codes, sq_err) if return_sq_err else codes
 
     def _decode(self, codes):
+        """The sum of one code vector per column of ``codes`` (leading stages)."""
         decoded = self.quantizers_[0].codebook_[codes[:, 0]].copy()
-        for s, quantizer in enumerate(self.quantizers_[1:], start=1):
-            decoded += quantizer.codebook_[codes[:, s]]
+        for s in range(1, codes.shape[1]):
+            decoded += self.quantizers_[s].codebook_[codes[:, s]]
         return decoded
