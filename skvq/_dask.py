@@ -22,7 +22,7 @@ from scipy import sparse
 from sklearn.utils import check_array, check_random_state
 
 from ._kernels import assignment_statistics, batch_statistics, weighted_mean_variance
-from ._multi import _REFINE_PASSES, _REFINE_RTOL
+from ._multi import _REFINE_PASSES, _REFINE_RTOL, stage_target
 from ._relocation import cell_members, merge_members, split_rows
 
 # Rows of the weighted sample that a step gathers to re-seed dead codes.
@@ -418,10 +418,7 @@ def _residual_chunk(estimator, block, weights, stages, pool_rows, seed, split_ce
     parts = []
     for s in stages:
         quantizer = estimator.quantizers_[s]
-        own = quantizer.codebook_[codes[:, s]]
-        target = block - decoded + own
-        diff = (target - own).astype(np.float64)
-        sq_dist = np.einsum("ij,ij->i", diff, diff)
+        target, sq_dist = stage_target(block, decoded, quantizer.codebook_[codes[:, s]])
         stats = assignment_statistics(
             target, codes[:, s], sq_dist, weights, estimator.n_codes
         )

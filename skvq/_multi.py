@@ -42,6 +42,18 @@ _REFINE_RTOL = 1e-3
 _JOINT_SOLVE_MAX = 4096
 
 
+def stage_target(X, decoded, own):
+    """What one residual stage should reproduce: ``X`` less the other stages.
+
+    ``decoded`` is the sum of every stage's code vectors, ``own`` this
+    stage's share of it.  Returns the target rows and their squared distance
+    to ``own``.
+    """
+    target = X - decoded + own
+    diff = (target - own).astype(np.float64)
+    return target, np.einsum("ij,ij->i", diff, diff)
+
+
 class _MultiCodebookQuantizer(TransformerMixin, BaseEstimator):
     """Shared machinery of :class:`ProductVQTransformer` and
     :class:`ResidualVQTransformer`: one inner quantiser per code book."""
@@ -66,21 +78,9 @@ class _MultiCodebookQuantizer(TransformerMixin, BaseEstimator):
     # ------------------------------------------------------------ helpers
     def _quantizer(self, seed):
         """An unfitted single-codebook quantiser with this one's settings."""
-        return VQCodebookTransformer(
-            n_codes=self.n_codes,
-            ema_momentum=self.ema_momentum,
-            dead_code_threshold=self.dead_code_threshold,
-            relocate=self.relocate,
-            init=self.init,
-            algorithm=self.algorithm,
-            batch_size=self.batch_size,
-            max_iter=self.max_iter,
-            tol=self.tol,
-            max_no_improvement=self.max_no_improvement,
-            n_jobs=self.n_jobs,
-            random_state=seed,
-            verbose=self.verbose,
-        )
+        shared = VQCodebookTransformer().get_params().keys() - {"encode"}
+        params = {k: v for k, v in self.get_params().items() if k in shared}
+        return VQCodebookTransformer(**{**params, "random_state": seed})
 
     def _seeds(self, n_codebooks):
         rng = check_random_state(self.random_state)
@@ -589,7 +589,13 @@ class ProductVQTransformer(_MultiCodebookQuantizer):
             for quantizer, part in zip(
                 self.quantizers_, self._subspaces(X), strict=True
             ):
-                quantizer.partial_fit(part, sample_weight=sample_weight)
+                if _is_dask_array(part):
+                    quantizer.partial_fit(part, sample_weight=sample_weight)
+                    continue
+                # X was validated above: step the code book directly.
+                if first:
+                    self._start(quantizer, part, sample_weight, quantizer.random_state)
+                quantizer._step(part, sample_weight)
         return self
 
     def _encode(self, X):
@@ -870,9 +876,7 @@ class ResidualVQTransformer(_MultiCodebookQuantizer):
         scale = min(self.batch_size, X.shape[0]) / X.shape[0] if full else None
         for s, quantizer in enumerate(self.quantizers_):
             own = quantizer.codebook_[codes[:, s]]
-            target = X - decoded + own
-            diff = (target - own).astype(np.float64)
-            sq_dist = np.einsum("ij,ij->i", diff, diff)
+            target, sq_dist = stage_target(X, decoded, own)
             quantizer._update(
                 target, sample_weight, codes[:, s], sq_dist, None, momentum, scale
             )
