@@ -1,103 +1,27 @@
 """VQCodebookTransformer: a vector quantiser whose code book learns by EMA."""
 
-import warnings
-from contextlib import contextmanager
-from functools import partial
-from numbers import Integral, Real
+from numbers import Real
 
 import numpy as np
-from scipy import sparse
-from sklearn import get_config
-from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
+from sklearn.base import _fit_context
 from sklearn.utils import check_array, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import (
-    _check_feature_names_in,
-    _check_sample_weight,
-    check_is_fitted,
-    validate_data,
+from sklearn.utils.validation import _check_feature_names_in, check_is_fitted
+
+from ._base import (
+    DEFAULT_DEAD_CODE_THRESHOLD,
+    QuantizerBase,
+    checked_code_values,
+    checked_weights,
+    is_dask_array,
+    mean_sq_error,
+    onehot,
 )
-
-from ._kernels import (
-    LloydBounds,
-    assignment_statistics,
-    batch_statistics,
-    ema_average,
-    ema_update,
-    init_codebook,
-    perplexity,
-    reseed_dead_codes,
-    weighted_mean,
-    weighted_mean_variance,
-)
-from ._relocation import (
-    MIN_SPLIT_ROWS,
-    apply_relocations,
-    cell_members,
-    plan_relocations,
-    split_rows,
-)
-from ._search import _CodebookIndex, blas_held
-
-# Smallest relative decrease of the distortion that counts as improvement.
-_IMPROVEMENT_RTOL = 1e-9
+from ._schedule import FitSchedule, run, start_stream, stream_step
+from ._threads import blas_held
 
 
-def _checked_weights(sample_weight, X):
-    """Non-negative float64 weights with a positive sum (on every sklearn >= 1.6)."""
-    sample_weight = _check_sample_weight(
-        sample_weight, X, dtype=np.float64, ensure_non_negative=True
-    )
-    if not np.any(sample_weight):
-        raise ValueError("Sample weights must contain at least one non-zero number.")
-    return sample_weight
-
-
-def _is_dask_array(X):
-    """Whether ``X`` is a Dask array, without importing Dask."""
-    cls = type(X)
-    return cls.__name__ == "Array" and cls.__module__.startswith("dask.array")
-
-
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-# Initialisation never draws from more rows than this (or 3 * n_codes).
-_MAX_INIT_SIZE = 2**16
-
-# fit's first stage holds this many batches (or 3 * n_codes rows), and each
-# stage but the last makes at most _STAGE_STEPS steps (docs/performance.rst).
-_FIRST_STAGE_BATCHES = 32
-_STAGE_STEPS = 6
-# fit keeps distance bounds on stages of at least this many row-code pairs.
-_BOUNDS_MIN_SCORES = 2**18
-
-# Chosen from the experiments in docs/health.rst.
-DEFAULT_DEAD_CODE_THRESHOLD = 0.05
-
-# Relocation (docs/health.rst): at most one code in this many moves in the
-# first relocation round of fit.
-_FIT_MOVES_DIVISOR = 8
-# A stream's split must gain this many times the cost of its merge: the gain
-# is estimated on one batch, the cost known from the EMA statistics, and a
-# margin stops codes from flapping between cells of nearly equal worth.
-_STREAM_MIN_RATIO = 1.5
-# A stream considers relocation this many times per memory (1 / (1 - m)).
-_STREAM_CHECK_SHARE = 0.05
-# ... and weighs splitting its this many cells of largest EMA distortion.
-_STREAM_CELLS = 2
-# A relocation round of fit is kept if the distortion has dropped below the
-# converged one within this many steps; rounds end after this many undone
-# single moves.
-_PROBE_STEPS = 4
-_MAX_UNDONE = 2
-# Rounds end after a kept round that lowered the distortion by less than this
-# fraction.
-_MIN_ROUND_GAIN = 1e-4
-# fit relocates on its largest stage of at most this many rows (or its first).
-_RELOCATION_ROWS = 2**16
-
-
-class VQCodebookTransformer(TransformerMixin, BaseEstimator):
+class VQCodebookTransformer(QuantizerBase):
     """Vector quantiser whose code book is learned by exponential moving averages.
 
     The transformer learns ``n_codes`` code vectors, one minibatch at a time,
@@ -320,9 +244,19 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
     Input of dtype float16, integer or boolean is converted to float64.
 
     Every method also accepts a Dask array: ``fit`` and ``partial_fit`` then
-    run each step as a reduction of per-chunk statistics on the workers, and
-    ``transform``, ``predict``, ``inverse_transform`` and ``score`` return
-    lazy Dask arrays.  Dask is optional and imported only then.
+    run the same schedule with each step a reduction of per-chunk statistics
+    on the workers (the chunks stay there, persisted, with their distance
+    bounds), and ``transform``, ``predict``, ``inverse_transform`` and
+    ``score`` return lazy Dask arrays.  Dask is optional and imported only
+    then.
+
+    The search is exact at every finite magnitude, in float32 and float64:
+    the codes are those of a float64 computation on the data rescaled by a
+    power of two.  float64 data so large or so small that squared distances
+    could leave float64's range are trained in an internal unit (a power of
+    two, so the fit is exactly the fit of the rescaled data, rescaled);
+    ``ema_sum_``, ``ema_distortion_`` and ``commitment_loss_`` are then
+    infinite only where their values exceed float64.
 
     :meth:`fit` runs Lloyd iterations (EMA steps at momentum 0 on whole
     stages) on nested, doubling prefixes of the shuffled rows [4]_, with
@@ -338,7 +272,7 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
     initialisation, so an estimator pickled (or saved with ``skops.io``, which
     needs to trust only this class) in the middle of a stream continues
     bit for bit.  The search structure is not saved; it is rebuilt on
-    loading.
+    first use after loading.
 
     References
     ----------
@@ -359,7 +293,7 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
     >>> import numpy as np
     >>> from skvq import VQCodebookTransformer
     >>> X = np.array([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.1, 5.0]])
-    >>> vq = VQCodebookTransformer(n_codes=2, ema_momentum=0.5, random_state=0)
+    >>> vq = VQCodebookTransformer(n_codes=2, ema_momentum=0.5, random_state=1)
     >>> vq.fit(X).predict([[0.0, 0.2], [4.8, 5.1]]).tolist()
     [0, 1]
     >>> vq.codebook_.round(3)
@@ -374,21 +308,10 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
     """
 
     _parameter_constraints: dict = {
-        "n_codes": [Interval(Integral, 1, None, closed="left")],
-        "ema_momentum": [Interval(Real, 0, 1, closed="left")],
+        **QuantizerBase._parameter_constraints,
         "commitment_weight": [Interval(Real, 0, None, closed="left")],
-        "dead_code_threshold": [Interval(Real, 0, 1, closed="left")],
-        "relocate": ["boolean"],
         "init": [StrOptions({"k-means++", "random"}), "array-like"],
         "encode": [StrOptions({"index", "onehot", "onehot-dense", "distance"})],
-        "algorithm": [StrOptions({"auto", "kd_tree", "brute"})],
-        "batch_size": [Interval(Integral, 1, None, closed="left")],
-        "max_iter": [Interval(Integral, 1, None, closed="left")],
-        "tol": [Interval(Real, 0, None, closed="left")],
-        "max_no_improvement": [Interval(Integral, 1, None, closed="left"), None],
-        "n_jobs": [Integral, None],
-        "random_state": ["random_state"],
-        "verbose": ["verbose"],
     }
 
     def __init__(
@@ -448,8 +371,8 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         ----------
         X : array-like or Dask array of shape (n_samples, n_features)
             Training data.  A Dask array is processed chunk by chunk where it
-            lives: each step is a reduction of per-chunk statistics, and the
-            chunks are taken in a new random order each pass.
+            lives: the chunks, in one random order, are the unit of the
+            stages, and each step is a reduction of per-chunk statistics.
 
         y : Ignored
             Not used, present here for API consistency by convention.
@@ -463,33 +386,14 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
             Fitted estimator.
         """
         with self._unchanged_on_error():
-            if _is_dask_array(X):
-                from . import _dask
-
-                return _dask.fit(self, X, sample_weight)
-            X, sample_weight = self._validate_batch(X, sample_weight, reset=True)
-            with blas_held(self.n_jobs, X.shape[0] * self.n_codes):
-                self._fit_numpy(X, sample_weight)
+            rng = check_random_state(self.random_state)
+            source = self._source(X, sample_weight, reset=True, rng=rng)
+            config = self._config(init=self._initial_codes(source.n_features))
+            with blas_held(self.n_jobs, source.plan.n_rows * self.n_codes):
+                outcome = run(source, FitSchedule(config, source, rng).run())
+            self._states = (outcome.state,)
+            self.n_iter_ = outcome.n_iter
         return self
-
-    def _fit_numpy(self, X, sample_weight):
-        rng = check_random_state(self.random_state)
-        sizes = self._stage_sizes(X.shape[0])
-        if len(sizes) > 1:  # nested prefixes of one shuffled copy
-            order = rng.permutation(X.shape[0])
-            X, sample_weight = X[order], sample_weight[order]
-        init_rows = max(self._init_size(), min(sizes[0], _MAX_INIT_SIZE))
-        self._initialize(X[: sizes[0]], sample_weight[: sizes[0]], rng, init_rows)
-        variance = weighted_mean_variance(X, sample_weight) if self.tol > 0 else 0.0
-        stages = self._stage_steps(X, sample_weight, sizes)
-        self._run_stages(
-            stages,
-            sizes,
-            variance,
-            lambda stage, cells, labels, counts: split_rows(
-                cell_members(X, sample_weight, labels, cells), counts
-            ),
-        )
 
     def partial_fit(self, X, y=None, sample_weight=None):
         """Apply one EMA step on a batch (initialising the code book first).
@@ -514,461 +418,94 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         self : object
             Updated estimator.
         """
-        self._validate_params_once()
+        config = self._validate_params_once()
         with self._unchanged_on_error():
-            if _is_dask_array(X):
-                from . import _dask
-
-                return _dask.partial_fit(self, X, sample_weight)
-            first = not hasattr(self, "codebook_")
-            X, sample_weight = self._validate_batch(X, sample_weight, reset=first)
+            first = not self.__sklearn_is_fitted__()
+            unit = None if first else self._states[0].unit
+            source = self._source(X, sample_weight, reset=first, unit=unit)
             if first:
-                self._initialize(
-                    X, sample_weight, check_random_state(self.random_state)
-                )
-            self._step(X, sample_weight)
+                config = self._config(init=self._initial_codes(source.n_features))
+                rng = check_random_state(self.random_state)
+                state = run(source, start_stream(config, source, 0, rng))
+            else:
+                state = run(source, stream_step(config, self._states[0]))
+            self._states = (state,)
         return self
 
-    @contextmanager
-    def _unchanged_on_error(self):
-        # Every update below replaces arrays instead of writing into them, so
-        # a shallow copy of the attributes is enough to roll back.
-        saved = dict(self.__dict__)
-        try:
-            yield
-        except BaseException:
-            self.__dict__.clear()
-            self.__dict__.update(saved)
-            raise
+    def _source(self, X, sample_weight, *, reset, rng=None, unit=None):
+        """The data source of a training call (``rng``: a fit's stages)."""
+        X, sample_weight = self._training_input(X, sample_weight, reset=reset)
+        return self._make_source(X, sample_weight, rng=rng, unit=unit)
 
-    def _validate_params_once(self):
-        """``_validate_params``, skipped while the parameters are the same objects.
-
-        ``partial_fit`` is called once per batch of a stream: validating the
-        parameters again each time would cost more than a small step.
-        """
-        current = tuple(getattr(self, name) for name in self._parameter_constraints)
-        validated = self.__dict__.get("_validated_params")
-        if validated is None or any(
-            a is not b for a, b in zip(current, validated, strict=True)
-        ):
-            self._validate_params()
-            self._validated_params = current
-
-    def _validate_batch(self, X, sample_weight, *, reset):
-        if not reset and self._is_clean_batch(X):
-            # The checks validate_data would make, for a plain float array.
-            n_samples = X.shape[0]
-            if sample_weight is None:
-                return X, np.ones(n_samples)
-            return X, _checked_weights(sample_weight, X)
-        X = validate_data(
-            self, X, dtype=[np.float64, np.float32], order="C", reset=reset
-        )
-        return X, _checked_weights(sample_weight, X)
-
-    def _is_clean_batch(self, X):
-        """Whether ``X`` is a C-contiguous, finite float array of the right width.
-
-        Anything else goes through ``validate_data``, with its usual errors
-        and warnings (feature names included).
-        """
-        return (
-            type(X) is np.ndarray
-            and X.ndim == 2
-            and X.dtype in _FLOAT_DTYPES
-            and X.flags.c_contiguous
-            and X.shape[0] > 0
-            and X.shape[1] == self.n_features_in_
-            and "feature_names_in_" not in self.__dict__
-            and bool(np.isfinite(X).all())
-        )
-
-    def _initial_codebook(self, X, sample_weight, rng, max_rows=None):
-        if not isinstance(self.init, str):
-            init = check_array(self.init, dtype=np.float64, input_name="init")
-            expected = (self.n_codes, X.shape[1])
-            if init.shape != expected:
-                raise ValueError(
-                    f"The init array has shape {init.shape}, but "
-                    f"(n_codes, n_features) = {expected} was expected."
-                )
-            return init
-        init_size = self._init_size() if max_rows is None else max_rows
-        if X.shape[0] > init_size:
-            rows = rng.choice(X.shape[0], size=init_size, replace=False)
-            X, sample_weight = X[rows], sample_weight[rows]
-        codebook, n_distinct = init_codebook(
-            X, sample_weight, self.n_codes, self.init, rng
-        )
-        if n_distinct < self.n_codes:
-            warnings.warn(
-                f"Only {n_distinct} distinct samples of positive weight were "
-                f"available to initialise n_codes={self.n_codes} codes; the code "
-                "book repeats some of them.",
-                UserWarning,
-                stacklevel=3,
+    def _initial_codes(self, n_features):
+        """``init``, checked, when it is an array; else the strategy name."""
+        if isinstance(self.init, str):
+            return self.init
+        init = check_array(self.init, dtype=np.float64, input_name="init")
+        expected = (self.n_codes, n_features)
+        if init.shape != expected:
+            raise ValueError(
+                f"The init array has shape {init.shape}, but "
+                f"(n_codes, n_features) = {expected} was expected."
             )
-        return codebook
+        return init
 
-    def _init_size(self):
-        """Rows that initialisation draws from at most."""
-        return max(3 * self.n_codes, min(3 * self.batch_size, _MAX_INIT_SIZE))
+    # ----------------------------------------------------- fitted attributes
+    @property
+    def codebook_(self):
+        """ndarray of shape (n_codes, n_features): the code vectors."""
+        return self._fitted_states()[0].codebook
 
-    def _initialize(self, X, sample_weight, rng, max_rows=None):
-        codebook = self._initial_codebook(X, sample_weight, rng, max_rows)
-        self.codebook_ = codebook.astype(X.dtype)
-        self.ema_counts_ = np.ones(self.n_codes)
-        self.ema_sum_ = self.codebook_.astype(np.float64)
-        self.n_steps_ = 0
-        self.ema_distortion_ = np.zeros(self.n_codes)
-        self.n_codes_reassigned_ = 0
-        self.n_codes_relocated_ = 0
-        self.dead_codes_ = np.zeros(self.n_codes, dtype=bool)
-        self.perplexity_ = float(self.n_codes)
-        # Seed of the reassignment draws: step t draws from
-        # default_rng([seed, t]), so a pickled estimator continues exactly.
-        self._seed = int(rng.randint(np.iinfo(np.int32).max))
-        self._index = self._build_index(self.codebook_)
+    @property
+    def ema_counts_(self):
+        """ndarray of shape (n_codes,): the EMA usage counts."""
+        return self._fitted_states()[0].counts
 
-    def _build_index(self, codebook):
-        return _CodebookIndex(codebook, self.algorithm)
+    @property
+    def ema_sum_(self):
+        """ndarray of shape (n_codes, n_features): the EMA running sums."""
+        return self._fitted_states()[0].ema_sum
 
-    def _step(
-        self, X, sample_weight, momentum=None, scale=None, pool=None, bounds=None
-    ):
-        """One EMA step on a validated batch; returns its statistics and labels.
+    @property
+    def ema_distortion_(self):
+        """ndarray of shape (n_codes,): the EMA of each code's distortion."""
+        return self._fitted_states()[0].ema_distortion
 
-        ``momentum`` defaults to ``ema_momentum``.  A ``scale`` marks one of
-        ``fit``'s full steps: the batch statistics are multiplied by it (to
-        express them per ``batch_size`` rows), only codes that won no weight
-        count as dead, and relocation waits for the end of the stage.
-        ``pool`` selects the rows that dead codes are re-seeded from
-        (default: the whole batch); ``bounds`` (a
-        :class:`~skvq._kernels.LloydBounds`) carries distance bounds from one
-        full step on ``X`` to the next.
-        """
-        stats, labels, sq_dist = batch_statistics(
-            self._index, X, sample_weight, self.n_codes, self.n_jobs, bounds
-        )
-        self._update(X, sample_weight, labels, sq_dist, stats, momentum, scale, pool)
-        return stats, labels
+    @property
+    def n_steps_(self):
+        """int: EMA steps since the code book was initialised."""
+        return self._fitted_states()[0].n_steps
 
-    def _update(
-        self,
-        X,
-        sample_weight,
-        labels,
-        sq_dist,
-        stats=None,
-        momentum=None,
-        scale=None,
-        pool=None,
-    ):
-        """The EMA step of :meth:`_step` from a given assignment of ``X``.
+    @property
+    def n_codes_reassigned_(self):
+        """int: codes re-seeded since the code book was initialised."""
+        return self._fitted_states()[0].n_reseeded
 
-        The multi-codebook quantisers assign rows jointly (a residual code
-        depends on the codes of the other stages) and update each code book
-        through here; ``stats`` are computed when not given.
-        """
-        if stats is None:
-            stats = assignment_statistics(
-                X, labels, sq_dist, sample_weight, self.n_codes, self.n_jobs
-            )
-        split_cells = self._split_candidates() if scale is None else ()
-        rows = slice(None) if pool is None else pool
-        reseed_pool = (X[rows], sample_weight[rows], sq_dist[rows])
-        members = cell_members(X, sample_weight, labels, split_cells, MIN_SPLIT_ROWS)
-        self._apply_statistics(
-            stats, reseed_pool, momentum, scale, split_rows(members, stats.counts)
-        )
+    @property
+    def n_codes_relocated_(self):
+        """int: codes relocated since the code book was initialised."""
+        return self._fitted_states()[0].n_relocated
 
-    def _split_candidates(self):
-        """Cells a stream's step may split: the largest EMA distortions.
+    @property
+    def dead_codes_(self):
+        """ndarray of shape (n_codes,), dtype=bool: dead codes of the last step."""
+        return self._fitted_states()[0].dead
 
-        Relocation is considered every ``_STREAM_CHECK_SHARE / (1 - m)``
-        steps (every 5 at the default momentum 0.99): the EMA statistics it
-        weighs change on the scale of ``1 / (1 - m)`` steps, and a check
-        costs a few 2-means fits.  The codes that may move are the
-        ``4 * _STREAM_CELLS`` live codes of smallest EMA distortion.
-        """
-        if not self.relocate:
-            return ()
-        period = max(1, round(_STREAM_CHECK_SHARE / (1.0 - self.ema_momentum)))
-        if (self.n_steps_ + 1) % period:
-            return ()
-        n_cells = min(_STREAM_CELLS, self.n_codes)
-        distortion = self.ema_distortion_
-        cells = np.argsort(-distortion, kind="stable")[:n_cells]
-        return cells[distortion[cells] > 0]
+    @property
+    def perplexity_(self):
+        """float: ``exp`` of the entropy of the EMA usage distribution."""
+        return self._fitted_states()[0].perplexity
 
-    def _apply_statistics(
-        self, stats, reseed_pool, momentum=None, scale=None, splits=None
-    ):
-        """The EMA update from a batch's summed statistics, then maintenance.
-
-        ``reseed_pool`` is ``(rows, weights, sq_dist)``: the batch, or a
-        weighted sample of it, from which dead codes are re-seeded (None: no
-        rows to re-seed from, dead codes wait).  With a
-        ``scale`` (a full step of ``fit``), the statistics are multiplied by
-        it and a code is dead only when its cell is empty: on all the data, a
-        small count is a small cell, not a code that stopped winning.
-        ``splits`` (cell -> rows and weights of the batch) lets a stream
-        relocate codes into those cells.
-        """
-        if momentum is None:
-            momentum = self.ema_momentum
-        batch_counts, batch_sums = stats.counts, stats.sums
-        batch_distortions = stats.distortions
-        if scale is not None and scale != 1.0:
-            batch_counts, batch_sums = batch_counts * scale, batch_sums * scale
-            batch_distortions = batch_distortions * scale
-        counts, sums, codebook = ema_update(
-            self.ema_counts_,
-            self.ema_sum_,
-            self.codebook_,
-            batch_counts,
-            batch_sums,
-            momentum,
-        )
-        state = (
-            codebook,
-            counts,
-            sums,
-            ema_average(self.ema_distortion_, batch_distortions, momentum),
-        )
-        state, dead, n_reseeded = self._reseed(state, reseed_pool, scale, batch_counts)
-        moves = []
-        if splits:
-            by_distortion = np.argsort(state[3], kind="stable")
-            moves = plan_relocations(
-                state[0],
-                state[1],
-                splits,
-                by_distortion[~dead[by_distortion]][: 4 * len(splits)],
-                len(splits),
-                _STREAM_MIN_RATIO,
-            )
-            state = apply_relocations(state, moves)
-            if moves and self.verbose:
-                print(
-                    f"Step {self.n_steps_ + 1}: relocated codes "
-                    + ", ".join(f"{m.code} (into {m.split})" for m in moves)
-                )
-        self._set_state(state)
-        self.n_steps_ += 1
-        self.n_codes_reassigned_ += n_reseeded
-        self.n_codes_relocated_ += len(moves)
-        self.dead_codes_ = dead
-        self.commitment_loss_ = self.commitment_weight * stats.loss / stats.weight
-
-    def _reseed(self, state, reseed_pool, scale, batch_counts):
-        """Re-seed the dead codes of ``state``; returns (state, dead, n_reseeded).
-
-        A code is dead when its count is below ``dead_code_threshold`` times
-        the mean count (the EMA weight per code of a batch), or when it
-        repeats a lower code; in a full step only if its cell is empty too.
-        It restarts with the mean count, as an average code: unless it wins,
-        it is dead again only after ``log(threshold) / log(ema_momentum)``
-        steps, whatever the batch size.
-        """
-        counts = state[1]
-        mean_count = counts.mean()
-        limit = self.dead_code_threshold * mean_count
-        dead = counts < limit
-        if limit > 0 and self._index.ids is not None:
-            # A copy of a lower code can never win: it is dead whatever its count.
-            copies = np.ones(self.n_codes, dtype=bool)
-            copies[self._index.ids] = False
-            dead |= copies
-        if scale is not None:
-            dead &= batch_counts == 0
-        if not dead.any() or reseed_pool is None:
-            return state, dead, 0
-        rng = np.random.default_rng([self._seed, self.n_steps_])
-        state, reseeded = reseed_dead_codes(state, dead, *reseed_pool, rng, mean_count)
-        return state, dead, reseeded.shape[0]
-
-    def _set_state(self, state):
-        """Install ``(codebook, counts, sums, distortions)`` and its index."""
-        index = self._build_index(state[0])
-        self.codebook_, self.ema_counts_, self.ema_sum_, self.ema_distortion_ = state
-        self._index = index
-        self.perplexity_ = perplexity(self.ema_counts_)
-
-    def _stage_sizes(self, n_samples):
-        """Rows of each stage of ``fit``: doubling prefixes, the last all rows."""
-        if self.batch_size >= n_samples:
-            return [n_samples]
-        first = max(3 * self.n_codes, _FIRST_STAGE_BATCHES * self.batch_size)
-        sizes = [min(first, n_samples)]
-        while sizes[-1] < n_samples:
-            sizes.append(min(2 * sizes[-1], n_samples))
-        return sizes
-
-    def _stage_steps(self, X, sample_weight, sizes):
-        """One full step (momentum 0, a Lloyd iteration) per stage prefix.
-
-        Statistics are expressed per ``batch_size`` rows; dead codes are
-        re-seeded from the first rows of the prefix.
-        """
-        batch_size = min(self.batch_size, X.shape[0])
-        pool = slice(0, self._init_size())
-        return [
-            partial(
-                self._step,
-                X[:size],
-                sample_weight[:size],
-                0.0,
-                batch_size / size,
-                pool,
-                # Below this size the bookkeeping costs more than it saves.
-                LloydBounds(X.shape[1], X.dtype)
-                if size * self.n_codes >= _BOUNDS_MIN_SCORES
-                else None,
-            )
-            for size in sizes
-        ]
-
-    def _run_stages(self, stages, sizes, mean_variance, gather=None):
-        """Full steps on each stage until it settles, then on the next.
-
-        Stage ``s`` of ``n_s`` rows ends when the code book moves less than
-        ``tol * n / n_s`` (scaled by the variance; its sample noise is that
-        much larger) or after ``_STAGE_STEPS`` steps; the last stage ends by
-        :class:`_EarlyStopping`.  With ``relocate``, the largest stage of at
-        most ``_RELOCATION_ROWS`` rows (or the first) also runs until that
-        rule, then relocation rounds (see :meth:`_relocation_rounds`;
-        ``gather(stage, cells, labels, counts)`` fetches the rows of cells).
-        ``max_iter`` caps the steps of all stages and rounds.
-        """
-        self.n_iter_ = 0
-        relocation_stage = None
-        if self.relocate and gather is not None:
-            fits = [s for s, size in enumerate(sizes) if size <= _RELOCATION_ROWS]
-            relocation_stage = fits[-1] if fits else 0
-        for stage, (step, size) in enumerate(zip(stages, sizes, strict=True)):
-            if self.n_iter_ == self.max_iter:
-                return
-            settle = stage in (len(stages) - 1, relocation_stage)
-            result = self._converge(
-                step,
-                f"stage {stage + 1}, {size} rows",
-                mean_variance,
-                None if settle else _STAGE_STEPS,
-                None if settle else mean_variance * self.tol * sizes[-1] / size,
-            )
-            if stage == relocation_stage and result[3]:
-                self._relocation_rounds(
-                    step, partial(gather, stage), mean_variance, result
-                )
-
-    def _converge(self, step, label, mean_variance, limit=None, tol=None):
-        """Full steps until a stopping rule fires, or ``limit`` steps.
-
-        The rule is the stage rule (shift at most ``tol``) when ``tol`` is
-        given, else :class:`_EarlyStopping`.  Returns the last step's
-        ``(stats, labels, loss, converged)``: ``converged`` tells whether
-        the rule fired (rather than ``limit`` or ``max_iter``).
-        """
-        stopper = _EarlyStopping(self, mean_variance)
-        for n_steps in range(1, self.max_iter - self.n_iter_ + 1):
-            start_codebook = self.codebook_
-            reassigned_before = self.n_codes_reassigned_
-            stats, labels = step()
-            self.n_iter_ += 1
-            loss = stats.loss / stats.weight
-            shift = float(
-                np.sum((self.codebook_ - start_codebook).astype(np.float64) ** 2)
-            )
-            if self.verbose:
-                print(
-                    f"Step {self.n_iter_} ({label}): distortion {loss:.6g}, "
-                    f"perplexity {self.perplexity_:.4g}, "
-                    f"{self.n_codes_reassigned_ - reassigned_before} codes reassigned"
-                )
-            converged = (
-                shift <= tol if tol is not None else stopper.should_stop(loss, shift)
-            )
-            if converged and tol is None and self.verbose:
-                print(f"Converged after step {self.n_iter_}: {stopper.reason}.")
-            if converged or n_steps == limit:
-                break
-        return stats, labels, loss, converged
-
-    def _relocation_rounds(self, step, gather, mean_variance, converged):
-        """Relocate codes after convergence while that lowers the distortion.
-
-        Each round plans moves from the last step's cells (the cheapest
-        codes to merge into the cells with the largest split gain, see
-        :func:`~skvq._relocation.plan_relocations`), applies them and makes
-        up to ``_PROBE_STEPS`` full steps.  A round whose distortion has not
-        dropped below the converged one by then is undone, and the next
-        round tries half as many moves (after a single move, another code
-        and another cell); a kept round runs to convergence.  The rounds end
-        when no move is worth trying, after ``_MAX_UNDONE`` undone single
-        moves, after a kept round that gained less than ``_MIN_ROUND_GAIN``,
-        or at half of ``max_iter``.
-        """
-        max_moves = max(1, self.n_codes // _FIT_MOVES_DIVISOR)
-        stats, labels, best, _ = converged
-        movable = np.ones(self.n_codes, dtype=bool)
-        splittable = np.ones(self.n_codes, dtype=bool)
-        n_undone = 0
-        budget = self.max_iter // 2  # leave steps for the stages that follow
-        while self.n_iter_ < budget and n_undone < _MAX_UNDONE:
-            cells = np.argsort(-stats.distortions, kind="stable")
-            cells = cells[splittable[cells]][: 2 * max_moves]
-            moves = plan_relocations(
-                self.codebook_,
-                stats.counts,
-                gather(cells, labels, stats.counts),
-                np.flatnonzero(movable),
-                max_moves,
-                0.0,
-            )
-            if not moves:
-                break
-            saved = dict(self.__dict__)
-            self._set_state(apply_relocations(self._state(), moves))
-            probe = self._converge(step, "relocated", mean_variance, _PROBE_STEPS)
-            kept = probe[2] < best * (1.0 - _IMPROVEMENT_RTOL)
-            if self.verbose:
-                print(
-                    f"Relocated {len(moves)} codes: distortion {best:.6g} -> "
-                    f"{probe[2]:.6g}, {'kept' if kept else 'undone'}."
-                )
-            if kept:
-                self.n_codes_relocated_ += len(moves)
-                if not probe[3] and self.n_iter_ < budget:
-                    probe = self._converge(step, "relocated", mean_variance)
-                stats, labels, loss, _ = probe
-                if loss > best * (1.0 - _MIN_ROUND_GAIN):
-                    break
-                best = loss
-                continue
-            n_iter, n_steps = self.n_iter_, self.n_steps_
-            self.__dict__.update(saved)
-            self.n_iter_, self.n_steps_ = n_iter, n_steps
-            if len(moves) == 1:
-                movable[moves[0].code] = splittable[moves[0].split] = False
-                n_undone += 1
-            max_moves = max(1, len(moves) // 2)
-
-    def _state(self):
-        return self.codebook_, self.ema_counts_, self.ema_sum_, self.ema_distortion_
+    @property
+    def commitment_loss_(self):
+        """float: the VQ-VAE commitment term of the last batch."""
+        state = self._fitted_states()[0]
+        return self.commitment_weight * state.commitment_distortion
 
     # ------------------------------------------------------------ inference
-    def _lazy(self, method, *args):
-        """The lazy, blockwise version of ``method`` for Dask input."""
-        check_is_fitted(self)
-        from . import _dask
-
-        return getattr(_dask, method)(self, *args)
-
-    def _validated_query(self, X):
-        check_is_fitted(self)
-        return validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+    def _index(self):
+        """The search structure of ``codebook_`` (in the data's units)."""
+        return self._fitted_states()[0].user_index
 
     def predict(self, X):
         """Predict the code (index of the nearest code vector) of each sample.
@@ -984,11 +521,14 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
             Index into ``codebook_`` of the nearest code vector.  A lazy Dask
             array when ``X`` is one.
         """
-        if _is_dask_array(X):
-            return self._lazy("predict", X)
+        if is_dask_array(X):
+            from . import _dask
+
+            X = self._lazy_input(X)
+            return _dask.map_rows(X, self.predict, None, np.int64)
         X = self._validated_query(X)
-        return self._index.nearest(X, n_jobs=self.n_jobs)[0].astype(
-            np.int64, copy=False
+        return (
+            self._index().nearest(X, n_jobs=self.n_jobs)[0].astype(np.int64, copy=False)
         )
 
     def transform(self, X):
@@ -1006,24 +546,30 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
             ``"onehot-dense"``) or distances to every code (``"distance"``).
             A lazy Dask array, computed block by block, when ``X`` is one.
         """
-        if _is_dask_array(X):
-            return self._lazy("transform", X)
+        if is_dask_array(X):
+            from . import _dask
+
+            X = self._lazy_input(X)
+            if self.encode == "index":
+                return _dask.map_rows(X, self.transform, 1, np.int64)
+            sparse_output = self.encode == "onehot"
+            return _dask.map_rows(
+                X, self.transform, self.n_codes, X.dtype, sparse_output=sparse_output
+            )
         X = self._validated_query(X)
         if self.encode == "distance":
-            return self._index.distances(X, n_jobs=self.n_jobs)
-        codes = self._index.nearest(X, n_jobs=self.n_jobs)[0]
+            return self._index().distances(X, n_jobs=self.n_jobs)
+        codes = self._index().nearest(X, n_jobs=self.n_jobs)[0]
         if self.encode == "index":
             return codes.astype(np.int64, copy=False)[:, None]
-        n_samples = X.shape[0]
-        onehot = sparse.csr_matrix(
-            (np.ones(n_samples, dtype=X.dtype), codes, np.arange(n_samples + 1)),
-            shape=(n_samples, self.n_codes),
-        )
+        encoded = onehot(codes[:, None], self.n_codes, X.dtype)
         if self.encode == "onehot-dense":
-            return onehot.toarray()
-        if get_config().get("sparse_interface", "spmatrix") == "sparray":
-            return sparse.csr_array(onehot)
-        return onehot
+            return encoded.toarray()
+        return encoded
+
+    def _lazy_input(self, X):
+        check_is_fitted(self)
+        return self._checked_dask(X, reset=False)
 
     def inverse_transform(self, X):
         """Decode: the code vector of each encoded sample.
@@ -1042,8 +588,14 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         X_decoded : ndarray of shape (n_samples, n_features)
             Rows of ``codebook_``.  A lazy Dask array when ``X`` is one.
         """
-        if _is_dask_array(X):
-            return self._lazy("inverse_transform", X)
+        if is_dask_array(X):
+            from . import _dask
+
+            check_is_fitted(self)
+            codebook = self.codebook_
+            return _dask.map_codes(
+                X, self.inverse_transform, codebook.shape[1], codebook.dtype
+            )
         check_is_fitted(self)
         return self.codebook_[self._decode(X)]
 
@@ -1077,16 +629,11 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
                 f"Expected codes of shape (n_samples, 1) or (n_samples,) for "
                 f"encode='index', got shape {codes.shape}."
             )
-        if codes.dtype.kind == "f" and not np.array_equal(codes, np.round(codes)):
-            raise ValueError("Codes must be integers; got non-integer values.")
-        if codes.size and (codes.min() < 0 or codes.max() >= self.n_codes):
-            raise ValueError(
-                f"Codes must lie in [0, n_codes={self.n_codes}); got values from "
-                f"{codes.min()} to {codes.max()}."
-            )
-        return codes.astype(np.intp)
+        return checked_code_values(codes, self.n_codes)
 
     def _checked_onehot(self, X):
+        from scipy import sparse
+
         if sparse.issparse(X):
             X = sparse.csr_matrix(X, copy=True)
             X.eliminate_zeros()
@@ -1126,17 +673,21 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
         -------
         score : float
             ``-sum(w_i * ||x_i - c(x_i)||^2) / sum(w_i)``.  A lazy 0-d Dask
-            array when ``X`` is one.
+            array when ``X`` is one.  Raises an ``OverflowError`` when the
+            mean exceeds float64's range.
         """
-        if _is_dask_array(X):
-            return self._lazy("score", X, sample_weight)
+        if is_dask_array(X):
+            from . import _dask
+
+            X = self._lazy_input(X)
+            return _dask.lazy_score(X, sample_weight, self._sq_errors)
         X = self._validated_query(X)
-        sample_weight = _checked_weights(sample_weight, X)
-        return -weighted_mean(self._sq_errors(X), sample_weight)
+        sample_weight = checked_weights(sample_weight, X)
+        return -mean_sq_error(self._sq_errors(X), sample_weight)
 
     def _sq_errors(self, X):
         """Squared distance of each row of validated ``X`` to its code."""
-        return self._index.nearest(X, n_jobs=self.n_jobs, return_sq_dist=True)[1]
+        return self._index().nearest(X, n_jobs=self.n_jobs, return_sq_dist=True)[1]
 
     def get_feature_names_out(self, input_features=None):
         """Get the names of the output columns of :meth:`transform`.
@@ -1163,56 +714,11 @@ class VQCodebookTransformer(TransformerMixin, BaseEstimator):
             [f"{prefix}_{kind}{k}" for k in range(self.n_codes)], dtype=object
         )
 
-    # ------------------------------------------------------- persistence etc.
-    def __getstate__(self):
-        state = dict(super().__getstate__())  # may be the live __dict__
-        state.pop("_index", None)  # rebuilt on load: no SciPy object persisted
-        state.pop("_validated_params", None)  # a cache of parameter objects
-        return state
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        if "codebook_" in self.__dict__:
-            self._index = self._build_index(self.codebook_)
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        if self.encode == "index":
-            tags.transformer_tags.preserves_dtype = []
-        else:
-            tags.transformer_tags.preserves_dtype = ["float64", "float32"]
-        return tags
-
-
-class _EarlyStopping:
-    """Early-stopping rule of ``fit``'s full steps, fed each one's loss and shift.
-
-    ``loss`` is the distortion of the code book before the step, ``shift``
-    the sum over codes of their squared movement in the step.
-    """
-
-    def __init__(self, estimator, mean_variance):
-        self.max_no_improvement = estimator.max_no_improvement
-        self.tol = estimator.tol * mean_variance
-        self.best_loss = np.inf
-        self.n_no_improvement = 0
-        self.reason = ""
-
-    def should_stop(self, loss, shift):
-        if loss < self.best_loss * (1.0 - _IMPROVEMENT_RTOL):
-            self.best_loss = loss
-            self.n_no_improvement = 0
-        else:
-            self.n_no_improvement += 1
-        if self.tol > 0 and shift <= self.tol:
-            self.reason = (
-                "the assignments no longer change"
-                if shift == 0
-                else f"the code book moved less than tol ({shift:.3g})"
-            )
-        elif (
-            self.max_no_improvement is not None
-            and self.n_no_improvement >= self.max_no_improvement
-        ):
-            self.reason = f"no improvement in {self.n_no_improvement} passes"
-        return bool(self.reason)
+def fitted_codebook(state, params):
+    """A fitted :class:`VQCodebookTransformer` over a code book state, with
+    ``params``: how a multi-codebook estimator shows one of its code books."""
+    quantizer = VQCodebookTransformer(**params)
+    quantizer._states = (state,)
+    quantizer.n_features_in_ = state.codes.shape[1]
+    return quantizer

@@ -2,56 +2,23 @@
 
 Every function here assumes that its inputs were validated by the estimator:
 finite float arrays of consistent shapes, non-negative sample weights with a
-positive sum, and a NumPy ``RandomState`` for the random draws.  They never
-modify their inputs.
+positive sum, and a NumPy random generator for the random draws.  They never
+modify their inputs.  Every decision they make is invariant under a
+power-of-two scaling of the data (it only changes exponents), which is what
+lets the estimators work on data of any magnitude in internal units.
 """
 
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import linalg, sparse
+from scipy import sparse
 
-from ._rows import group_rows
-from ._search import _n_threads as n_threads
-from ._search import _run_tasks as run_tasks
-from ._search import sq_dist_to_codes
+from ._threads import n_threads, run_tasks
 
 # A code whose EMA count falls below this value (after about 35,000 unused
 # steps at momentum 0.99, or one at momentum 0) has its count and sum rescaled
 # together, so that the count never underflows to 0 and the vector is kept.
 COUNT_FLOOR = float(np.sqrt(np.finfo(np.float64).tiny))
-
-
-def canonical_sample(X, sample_weight, values=None):
-    """Collapse duplicate rows and drop zero weights, in a canonical order.
-
-    The result depends only on the weighted empirical distribution of
-    ``(X, sample_weight)``: not on row order, not on whether a row is repeated
-    ``r`` times or weighted ``r``, not on rows of weight zero.  Distinct rows
-    are ordered by a hash of their float64 bits (``-0.0`` counted as ``0.0``),
-    which sorts ``n`` integers instead of ``n`` rows; should two distinct
-    rows share a hash, the order is lexicographic instead (also a property
-    of the distinct rows alone).
-
-    Returns
-    -------
-    points : ndarray of shape (n_distinct, n_features), float64
-    weights : ndarray of shape (n_distinct,), float64
-    point_values : ndarray of shape (n_distinct,)
-        Only when ``values`` (one per row, equal for equal rows) is given:
-        the value of each distinct row.
-    """
-    keep = sample_weight > 0
-    rows, first, inverse = group_rows(X[keep])
-    points = rows[first]
-    weights = np.bincount(
-        inverse, weights=sample_weight[keep], minlength=points.shape[0]
-    )
-    if values is None:
-        return points, weights
-    point_values = np.empty(points.shape[0], dtype=values.dtype)
-    point_values[inverse] = values[keep]
-    return points, weights, point_values
 
 
 def weighted_draw(weights, size, rng):
@@ -67,10 +34,10 @@ def weighted_draw(weights, size, rng):
 # distortion by 0.4-0.9 % on average over 5 seeds, at no measurable cost in
 # float32 (docs/performance.rst).
 _TRIALS_FACTOR = 2
-# Between 1 / this and this magnitude, squared distances summed over any
-# realistic number of features stay far from float32's overflow (3.4e38) and
-# underflow (1.2e-38).
-_FLOAT32_SAFE = 1e15
+# Seeding computes its distances in float32 when the median squared norm of
+# the centred points is at least this fraction of the largest: the bulk of
+# the squared distances then stays far above float32's subnormal range.
+_FLOAT32_DYNAMIC_RANGE = 2.0**-60
 
 
 def kmeans_plusplus(points, weights, n_codes, rng):
@@ -78,10 +45,11 @@ def kmeans_plusplus(points, weights, n_codes, rng):
 
     Each new seed is the best, by weighted potential, of
     ``2 * (2 + log(n_codes))`` candidates drawn with probability proportional
-    to weight times squared distance to the seeds so far, computed on
-    centred points, in float32 unless their magnitude could overflow or
-    underflow it.
-    Stops early when every point is a seed.
+    to weight times squared distance to the seeds so far.  Distances are
+    computed on centred points divided by a power of two (exact) that brings
+    their largest entry to [1, 2), in float32 unless the points span too many
+    orders of magnitude for it; the draws are therefore the same for the
+    points at any scale.  Stops early when every point is a seed.
 
     Returns
     -------
@@ -91,15 +59,16 @@ def kmeans_plusplus(points, weights, n_codes, rng):
     n_points = points.shape[0]
     n_seeds = min(n_codes, n_points)
     n_trials = _TRIALS_FACTOR * (2 + int(np.log(n_codes)))
-    center = points.mean(axis=0)
-    # Seeding only needs rough distances: float32 halves the cost, and the
-    # centring keeps the expansion accurate.
-    centred = points - center
-    spread = np.abs(centred).max(initial=0.0)
-    if 1.0 / _FLOAT32_SAFE < spread < _FLOAT32_SAFE:
-        centred = centred.astype(np.float32)
-    centred_t = np.ascontiguousarray(centred.T)
+    centred = points - points.mean(axis=0)
+    largest = np.abs(centred).max(initial=0.0)
+    if largest > 0:
+        centred = np.ldexp(centred, 1 - int(np.frexp(largest)[1]))
     sq_norms = np.einsum("ij,ij->i", centred, centred)
+    if np.median(sq_norms) >= _FLOAT32_DYNAMIC_RANGE * sq_norms.max(initial=0.0):
+        # Seeding only needs rough distances: float32 halves the cost.
+        centred = centred.astype(np.float32)
+        sq_norms = np.einsum("ij,ij->i", centred, centred)
+    centred_t = np.ascontiguousarray(centred.T)
 
     def sq_dist(idx):
         # In place: fresh temporaries of this size page-fault on every call.
@@ -133,26 +102,28 @@ def random_seeds(points, weights, n_codes, rng):
     )
 
 
-def init_codebook(X, sample_weight, n_codes, method, rng):
-    """Initial code vectors drawn from ``X`` by ``method``.
+def init_codebook(sample, n_codes, method, rng):
+    """Initial code vectors drawn from a canonical sample by ``method``.
 
-    When ``X`` has fewer distinct rows (of positive weight) than ``n_codes``,
-    every distinct row becomes a code and the remaining codes repeat rows drawn
-    with probability proportional to their weight.
+    When the sample has fewer distinct rows than ``n_codes``, every row
+    becomes a code and the remaining codes repeat rows drawn with
+    probability proportional to their weight.
+
+    Parameters
+    ----------
+    sample : WeightedRows
+        Distinct rows of positive weight, in canonical order.
 
     Returns
     -------
     codebook : ndarray of shape (n_codes, n_features), float64
-    n_distinct : int
-        Number of distinct rows of positive weight in ``X``.
     """
-    points, weights = canonical_sample(X, sample_weight)
     seeding = kmeans_plusplus if method == "k-means++" else random_seeds
-    seeds = seeding(points, weights, n_codes, rng)
+    seeds = seeding(sample.points, sample.weights, n_codes, rng)
     if seeds.shape[0] < n_codes:
-        extra = weighted_draw(weights, n_codes - seeds.shape[0], rng)
+        extra = weighted_draw(sample.weights, n_codes - seeds.shape[0], rng)
         seeds = np.concatenate([seeds, extra])
-    return points[seeds], points.shape[0]
+    return sample.points[seeds]
 
 
 def code_statistics(X, labels, sample_weight, n_codes, n_jobs=None):
@@ -196,6 +167,9 @@ def code_statistics(X, labels, sample_weight, n_codes, n_jobs=None):
 # Rows per chunk of the statistics: a fixed number, so that the order of the
 # float64 additions never depends on the threads.
 _STATISTICS_CHUNK = 2**14
+# Up to this many rows, the sums of a chunk go through a sort (measured:
+# faster than the sparse product below about 200 rows).
+_SMALL_CHUNK = 128
 
 
 def _chunk_sums(X, labels, sample_weight, n_codes):
@@ -222,11 +196,6 @@ def _chunk_sums(X, labels, sample_weight, n_codes):
     return np.asarray(assign @ X.astype(np.float64, copy=False))
 
 
-# Up to this many rows, the sums of a chunk go through a sort (measured:
-# faster than the sparse product below about 200 rows).
-_SMALL_CHUNK = 128
-
-
 @dataclass(frozen=True)
 class BatchStatistics:
     """Additive sufficient statistics of one EMA step over (part of) a batch.
@@ -244,6 +213,11 @@ class BatchStatistics:
     def loss(self):
         """``sum of w_i ||x_i - c(x_i)||^2`` over the batch."""
         return float(self.distortions.sum())
+
+    @property
+    def mean_loss(self):
+        """The weighted mean squared distance of the batch."""
+        return self.loss / self.weight
 
     def __add__(self, other):
         return BatchStatistics(
@@ -298,12 +272,14 @@ class LloydBounds:
     certainly keeps its code, and only the other rows are searched again
     (Hamerly's bounds for k-means, kept here in rigorous floating point:
     each bound is widened by the rounding error of its computation).  The
-    labels are therefore exactly those of a full search.
+    labels are therefore exactly those of a full search, whatever code book
+    comes next: the bounds are relative to the last one they saw.
     """
 
     def __init__(self, n_features, dtype):
         self.rel = 4 * (n_features + 8) * np.finfo(dtype).eps / 2
         self.codebook = None
+        self.last_searched = 0
 
     def assign(self, index, X, n_jobs=None):
         """Exact nearest codes of the rows of ``X`` and their squared distances."""
@@ -321,7 +297,7 @@ class LloydBounds:
                 labels[redo] = found
                 self.lower[redo] = np.sqrt(second)
             self.last_searched = redo.size
-        sq_dist = sq_dist_to_codes(X, codebook, labels, n_jobs)
+        sq_dist = index.sq_dist(X, labels, n_jobs=n_jobs)
         self.lower *= 1.0 - self.rel
         self.upper = np.sqrt(sq_dist) * (1.0 + self.rel)
         self.labels, self.codebook = labels, codebook
@@ -371,41 +347,43 @@ def ema_average(value, batch_value, momentum):
     return new
 
 
-def reseed_dead_codes(state, dead, X, sample_weight, sq_dist, rng, restart_count):
-    """Move dead codes onto batch samples, k-means++ style.
+def reseed_dead_codes(codebook, dead, pool, rng):
+    """New vectors for dead codes, drawn from a pool k-means++ style.
 
-    ``state`` is ``(codebook, counts, sums, distortions)``, ``(X,
-    sample_weight, sq_dist)`` the batch, or a weighted sample of it.  Dead
-    codes, in ascending order, each take a distinct row of ``X`` drawn with
-    probability proportional to its weight times its squared distance to the
-    code book (``sq_dist``, updated after every pick), from the distinct rows
-    of positive weight in canonical order; a re-seeded code restarts with
-    count ``restart_count``, sum ``restart_count * c_k`` and distortion 0.
+    Dead codes, in ascending order, each take a distinct row of the pool
+    drawn with probability proportional to its weight times its squared
+    distance to the code book (the pool's values, updated after every pick).
     Codes stay where they are once every row coincides with a code.
+
+    Parameters
+    ----------
+    pool : WeightedRows
+        Distinct rows in canonical order; ``values`` are their squared
+        distances to the code book.
 
     Returns
     -------
-    state : tuple of ndarray
-        New ``(codebook, counts, sums, distortions)``; the inputs are untouched.
     reseeded : ndarray of int
         Indices of the codes that moved.
+    vectors : ndarray of shape (n_reseeded, n_features), float64
+        Their new vectors.
     """
-    points, weights, d2 = canonical_sample(X, sample_weight, sq_dist)
-    codebook, counts, sums, distortions = (a.copy() for a in state)
-    reseeded = []
+    points, weights = pool.points, pool.weights
+    d2 = pool.values.astype(np.float64)
+    reseeded, vectors = [], []
     for k in np.flatnonzero(dead):
         potential = weights * d2
         if not potential.sum() > 0:
             break
         pick = points[weighted_draw(potential, 1, rng)[0]]
-        codebook[k] = pick
-        counts[k] = restart_count
-        sums[k] = restart_count * codebook[k].astype(np.float64)
-        distortions[k] = 0.0
-        np.minimum(d2, np.einsum("ij,ij->i", points - pick, points - pick), out=d2)
         reseeded.append(k)
-    state = (codebook, counts, sums, distortions)
-    return state, np.asarray(reseeded, dtype=np.intp)
+        vectors.append(pick)
+        np.minimum(d2, np.einsum("ij,ij->i", points - pick, points - pick), out=d2)
+    n_features = codebook.shape[1]
+    return (
+        np.asarray(reseeded, dtype=np.intp),
+        np.asarray(vectors, dtype=np.float64).reshape(-1, n_features),
+    )
 
 
 def perplexity(counts):
@@ -420,54 +398,36 @@ def weighted_mean(values, sample_weight):
     return float(np.dot(sample_weight, values) / sample_weight.sum())
 
 
-def weighted_mean_variance(X, sample_weight):
-    """Mean over features of the weighted variance of each feature."""
-    total = sample_weight.sum()
-    mean = (sample_weight @ X) / total
-    centred = X - mean
-    centred *= centred
-    return float(np.mean((sample_weight @ centred) / total))
+@dataclass(frozen=True)
+class Moments:
+    """Weight, weighted mean and weighted sum of squared deviations per
+    feature of some rows: additive over parts (Chan et al.'s update)."""
 
+    weight: float
+    mean: np.ndarray
+    m2: np.ndarray
 
-def least_squares_codebooks(X, sample_weight, codes, codebooks, ridge=1e-6):
-    """Code books that best reconstruct ``X`` from fixed ``codes``, jointly.
+    @classmethod
+    def of(cls, X, sample_weight):
+        total = float(sample_weight.sum())
+        if not total > 0:
+            zeros = np.zeros(X.shape[1])
+            return cls(0.0, zeros, zeros)
+        mean = (sample_weight @ X) / total
+        centred = X - mean
+        centred *= centred
+        return cls(total, mean, sample_weight @ centred)
 
-    With ``B`` the (weighted) one-hot matrix of the codes of all code books
-    side by side, the sum of the chosen code vectors is ``B C``; the code
-    books ``C`` minimising ``sum w_i ||x_i - (B C)_i||^2`` solve the normal
-    equations ``B^T W B C = B^T W X``.  A ridge of ``ridge`` times the mean
-    count pulls every code towards its current vector: it settles the
-    directions the data leave free (a shift of one code book undone by
-    another) and keeps unused codes in place.
+    def __add__(self, other):
+        total = self.weight + other.weight
+        if not total > 0:
+            return self
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.weight / total)
+        m2 = self.m2 + other.m2 + delta * delta * (self.weight * other.weight / total)
+        return Moments(total, mean, m2)
 
-    Parameters
-    ----------
-    codes : ndarray of shape (n_samples, n_codebooks)
-    codebooks : list of ndarray of shape (n_codes, n_features)
-        The current code books (all of the same shape).
-
-    Returns
-    -------
-    codebooks : list of ndarray of shape (n_codes, n_features), float64
-    """
-    n_samples, n_codebooks = codes.shape
-    n_codes = codebooks[0].shape[0]
-    columns = codes + n_codes * np.arange(n_codebooks)
-    onehot = sparse.csr_matrix(
-        (
-            np.repeat(sample_weight, n_codebooks),
-            columns.ravel(),
-            np.arange(0, n_samples * n_codebooks + 1, n_codebooks),
-        ),
-        shape=(n_samples, n_codebooks * n_codes),
-    )
-    indicator = onehot.copy()
-    indicator.data[:] = 1.0
-    gram = (indicator.T @ onehot).toarray()
-    current = np.vstack(codebooks).astype(np.float64)
-    rhs = np.asarray(onehot.T @ X.astype(np.float64, copy=False))
-    strength = ridge * max(float(np.trace(gram)) / gram.shape[0], 1e-300)
-    gram[np.diag_indices_from(gram)] += strength
-    rhs += strength * current
-    solved = linalg.solve(gram, rhs, assume_a="pos")
-    return np.split(solved, n_codebooks)
+    @property
+    def mean_variance(self):
+        """Mean over features of the weighted variance of each feature."""
+        return float(np.mean(self.m2 / self.weight)) if self.weight > 0 else 0.0

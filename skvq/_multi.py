@@ -1,149 +1,76 @@
 """Multi-codebook quantisers: product (PQ) and residual (RVQ) vector quantisation.
 
-Both keep one :class:`~skvq.VQCodebookTransformer` per code book and reuse
-its machinery: the same search, statistics, EMA update, re-seeding and
-relocation.  A product quantiser gives each code book a subspace (a group of
-contiguous features); a residual quantiser gives stage ``s`` what the stages
-before it left.  One ``partial_fit`` makes one EMA step of every code book
-from the same batch.
+Both hold one code book state per code book and train them with the single
+code book's schedules (:mod:`skvq._schedule`) and the residual trainer
+(:mod:`skvq._residual`), on the same data sources: one implementation for
+NumPy and Dask.  A product quantiser gives each code book a subspace (a
+group of contiguous features); a residual quantiser gives stage ``s`` what
+the stages before it left.  One ``partial_fit`` makes one EMA step of every
+code book from the same batch.
 """
 
-from contextlib import contextmanager
-from numbers import Integral, Real
+from numbers import Integral
 
 import numpy as np
-from scipy import sparse
-from sklearn import get_config
-from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
+from sklearn.base import _fit_context
 from sklearn.utils import check_array, check_random_state
-from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import (
-    _check_feature_names_in,
-    check_is_fitted,
-    validate_data,
-)
+from sklearn.utils._param_validation import Interval
+from sklearn.utils.validation import _check_feature_names_in, check_is_fitted
 
-from ._codebook import (
+from ._base import (
     DEFAULT_DEAD_CODE_THRESHOLD,
-    VQCodebookTransformer,
-    _checked_weights,
-    _is_dask_array,
+    QuantizerBase,
+    checked_code_values,
+    checked_weights,
+    is_dask_array,
+    mean_sq_error,
+    onehot,
 )
-from ._kernels import COUNT_FLOOR, canonical_sample, least_squares_codebooks
-from ._search import extend_beams, residual_beam_search
-
-# Passes of joint refinement after the greedy training of a residual
-# quantiser, at most; they stop earlier when the error drops by less than
-# this fraction.
-_REFINE_PASSES = 20
-_REFINE_RTOL = 1e-3
-# Joint least-squares refinement up to this many codes in all (a dense
-# system of this size); beyond, a Lloyd step per stage.
-_JOINT_SOLVE_MAX = 4096
+from ._codebook import fitted_codebook
+from ._residual import ResidualTraining, beam_search, decode, joint_step
+from ._rows import canonical_sample
+from ._schedule import FitSchedule, drive, run, start_stream, stream_step
+from ._threads import blas_held
 
 
-def stage_target(X, decoded, own):
-    """What one residual stage should reproduce: ``X`` less the other stages.
-
-    ``decoded`` is the sum of every stage's code vectors, ``own`` this
-    stage's share of it.  Returns the target rows and their squared distance
-    to ``own``.
-    """
-    target = X - decoded + own
-    diff = (target - own).astype(np.float64)
-    return target, np.einsum("ij,ij->i", diff, diff)
-
-
-class _MultiCodebookQuantizer(TransformerMixin, BaseEstimator):
+class _MultiCodebookQuantizer(QuantizerBase):
     """Shared machinery of :class:`ProductVQTransformer` and
-    :class:`ResidualVQTransformer`: one inner quantiser per code book."""
-
-    _parameter_constraints: dict = {
-        "n_codes": [Interval(Integral, 1, None, closed="left")],
-        "ema_momentum": [Interval(Real, 0, 1, closed="left")],
-        "dead_code_threshold": [Interval(Real, 0, 1, closed="left")],
-        "relocate": ["boolean"],
-        "init": [StrOptions({"k-means++", "random"})],
-        "encode": [StrOptions({"index", "onehot"})],
-        "algorithm": [StrOptions({"auto", "kd_tree", "brute"})],
-        "batch_size": [Interval(Integral, 1, None, closed="left")],
-        "max_iter": [Interval(Integral, 1, None, closed="left")],
-        "tol": [Interval(Real, 0, None, closed="left")],
-        "max_no_improvement": [Interval(Integral, 1, None, closed="left"), None],
-        "n_jobs": [Integral, None],
-        "random_state": ["random_state"],
-        "verbose": ["verbose"],
-    }
-
-    # ------------------------------------------------------------ helpers
-    def _quantizer(self, seed):
-        """An unfitted single-codebook quantiser with this one's settings."""
-        shared = VQCodebookTransformer().get_params().keys() - {"encode"}
-        params = {k: v for k, v in self.get_params().items() if k in shared}
-        return VQCodebookTransformer(**{**params, "random_state": seed})
-
-    def _seeds(self, n_codebooks):
-        rng = check_random_state(self.random_state)
-        return rng.randint(np.iinfo(np.int32).max, size=n_codebooks).tolist()
+    :class:`ResidualVQTransformer`: one code book state per code book."""
 
     @staticmethod
-    def _start(quantizer, X, sample_weight, seed):
-        """Initialise ``quantizer`` from validated ``X`` (a stream's first batch)."""
-        quantizer._validate_params()
-        quantizer.n_features_in_ = X.shape[1]
-        quantizer._initialize(X, sample_weight, check_random_state(seed))
-
-    def _validate_batch(self, X, sample_weight, *, reset):
-        X = validate_data(
-            self, X, dtype=[np.float64, np.float32], order="C", reset=reset
-        )
-        return X, _checked_weights(sample_weight, X)
-
-    @contextmanager
-    def _unchanged_on_error(self):
-        """Restore this estimator and its inner quantisers if the body raises."""
-        saved = dict(self.__dict__)
-        inner = [(q, dict(q.__dict__)) for q in self.__dict__.get("quantizers_", [])]
-        try:
-            yield
-        except BaseException:
-            self.__dict__.clear()
-            self.__dict__.update(saved)
-            for quantizer, state in inner:
-                quantizer.__dict__.clear()
-                quantizer.__dict__.update(state)
-            raise
-
-    def _finish_fit(self):
-        self.bits_per_vector_ = len(self.quantizers_) * float(np.log2(self.n_codes))
-
-    @property
-    def n_iter_(self):
-        """int: steps of the code books' own fits, summed (0 after
-        ``partial_fit`` only)."""
-        return int(sum(getattr(q, "n_iter_", 0) for q in self.quantizers_))
+    def _seeds(rng, n_codebooks):
+        """One seed per code book, for its own draws."""
+        return [
+            check_random_state(int(seed))
+            for seed in rng.randint(np.iinfo(np.int32).max, size=n_codebooks)
+        ]
 
     # ------------------------------------------------------ fitted views
     @property
     def codebooks_(self):
         """list of ndarray: the code book of each subspace or stage."""
-        return [q.codebook_ for q in self.quantizers_]
+        return [state.codebook for state in self._fitted_states()]
 
     @property
     def perplexity_(self):
         """ndarray of shape (n_codebooks,): the perplexity of each code book."""
-        return np.array([q.perplexity_ for q in self.quantizers_])
+        return np.array([state.perplexity for state in self._fitted_states()])
+
+    @property
+    def bits_per_vector_(self):
+        """float: ``n_codebooks * log2(n_codes)``."""
+        return len(self._fitted_states()) * float(np.log2(self.n_codes))
+
+    @property
+    def quantizers_(self):
+        """list of VQCodebookTransformer: read-only views of the code books."""
+        params = {k: v for k, v in self.get_params().items() if k in _SHARED_PARAMETERS}
+        return [fitted_codebook(state, params) for state in self._fitted_states()]
 
     # ---------------------------------------------------------- encoding
-    def _lazy(self, method, X, *args):
+    def _lazy_input(self, X):
         check_is_fitted(self)
-        from . import _dask
-
-        return _dask.multi_blockwise(self, method, X, *args)
-
-    def _validated_query(self, X):
-        check_is_fitted(self)
-        return validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        return self._checked_dask(X, reset=False)
 
     def transform(self, X):
         """Encode each sample by one code per code book.
@@ -163,25 +90,25 @@ class _MultiCodebookQuantizer(TransformerMixin, BaseEstimator):
             owning columns ``j * n_codes`` to ``(j + 1) * n_codes - 1``.  A
             lazy Dask array when ``X`` is one.
         """
-        if _is_dask_array(X):
-            return self._lazy("transform", X)
+        if is_dask_array(X):
+            from . import _dask
+
+            X = self._lazy_input(X)
+            n_codebooks = len(self._states)
+            if self.encode == "index":
+                return _dask.map_rows(X, self.transform, n_codebooks, np.int64)
+            return _dask.map_rows(
+                X,
+                self.transform,
+                n_codebooks * self.n_codes,
+                X.dtype,
+                sparse_output=True,
+            )
         X = self._validated_query(X)
         codes = self._encode(X)
         if self.encode == "index":
             return codes.astype(np.int64, copy=False)
-        n_samples, n_codebooks = codes.shape
-        columns = codes + self.n_codes * np.arange(n_codebooks)
-        onehot = sparse.csr_matrix(
-            (
-                np.ones(codes.size, dtype=X.dtype),
-                columns.ravel(),
-                np.arange(0, codes.size + 1, n_codebooks),
-            ),
-            shape=(n_samples, n_codebooks * self.n_codes),
-        )
-        if get_config().get("sparse_interface", "spmatrix") == "sparray":
-            return sparse.csr_array(onehot)
-        return onehot
+        return onehot(codes, self.n_codes, X.dtype)
 
     def compress(self, X):
         """Codes in the smallest unsigned integer type: one byte a code at 256.
@@ -196,8 +123,15 @@ class _MultiCodebookQuantizer(TransformerMixin, BaseEstimator):
         codes : ndarray of shape (n_samples, n_codebooks)
             ``uint8`` for up to 256 codes, ``uint16`` up to 65,536, else
             ``uint32``.  :meth:`inverse_transform` decodes them (with
-            ``encode="index"``).
+            ``encode="index"``).  A lazy Dask array when ``X`` is one.
         """
+        if is_dask_array(X):
+            from . import _dask
+
+            X = self._lazy_input(X)
+            return _dask.map_rows(
+                X, self.compress, len(self._states), self._compact_dtype()
+            )
         X = self._validated_query(X)
         return self._encode(X).astype(self._compact_dtype())
 
@@ -222,22 +156,34 @@ class _MultiCodebookQuantizer(TransformerMixin, BaseEstimator):
         X_decoded : ndarray of shape (n_samples, n_features)
             The reconstruction.  A lazy Dask array when ``X`` is one.
         """
-        if _is_dask_array(X):
-            return self._lazy("inverse_transform", X)
+        if is_dask_array(X):
+            from . import _dask
+
+            check_is_fitted(self)
+            dtype = self._states[0].codes.dtype
+            return _dask.map_codes(
+                X, self.inverse_transform, self.n_features_in_, dtype
+            )
         check_is_fitted(self)
         return self._decode(self._checked_codes(X))
 
     def _checked_codes(self, X):
-        n_codebooks = len(self.quantizers_)
+        n_codebooks = len(self._states)
         if self.encode == "onehot":
-            X = check_array(X, accept_sparse="csr", dtype="numeric", input_name="X")
+            X = check_array(
+                X,
+                accept_sparse="csr",
+                dtype="numeric",
+                input_name="X",
+                ensure_min_samples=0,
+            )
             expected = n_codebooks * self.n_codes
             if X.shape[1] != expected:
                 raise ValueError(
                     f"X has {X.shape[1]} columns, but encode='onehot' output has "
                     f"n_codebooks * n_codes = {expected} columns."
                 )
-            dense = X.toarray() if sparse.issparse(X) else np.asarray(X)
+            dense = X.toarray() if hasattr(X, "toarray") else np.asarray(X)
             blocks = dense.reshape(X.shape[0], n_codebooks, self.n_codes)
             if not (
                 np.all((blocks == 0) | (blocks == 1)) and np.all(blocks.sum(2) == 1)
@@ -247,20 +193,13 @@ class _MultiCodebookQuantizer(TransformerMixin, BaseEstimator):
                     "code book and zeros elsewhere."
                 )
             return np.argmax(blocks, axis=2)
-        codes = check_array(X, dtype="numeric", input_name="X")
+        codes = check_array(X, dtype="numeric", input_name="X", ensure_min_samples=0)
         if codes.shape[1] != n_codebooks:
             raise ValueError(
                 f"Expected codes of shape (n_samples, {n_codebooks}), got shape "
                 f"{codes.shape}."
             )
-        if codes.dtype.kind == "f" and not np.array_equal(codes, np.round(codes)):
-            raise ValueError("Codes must be integers; got non-integer values.")
-        if codes.size and (codes.min() < 0 or codes.max() >= self.n_codes):
-            raise ValueError(
-                f"Codes must lie in [0, n_codes={self.n_codes}); got values from "
-                f"{codes.min()} to {codes.max()}."
-            )
-        return codes.astype(np.intp)
+        return checked_code_values(codes, self.n_codes)
 
     def score(self, X, y=None, sample_weight=None):
         """Minus the weighted mean squared reconstruction error.
@@ -280,17 +219,17 @@ class _MultiCodebookQuantizer(TransformerMixin, BaseEstimator):
         -------
         score : float
             ``-sum(w_i ||x_i - decode(encode(x_i))||^2) / sum(w_i)``.  A lazy
-            0-d Dask array when ``X`` is one.
+            0-d Dask array when ``X`` is one.  Raises an ``OverflowError``
+            when the mean exceeds float64's range.
         """
-        if _is_dask_array(X):
-            return self._lazy("score", X, sample_weight)
-        X = self._validated_query(X)
-        sample_weight = _checked_weights(sample_weight, X)
-        return -float(np.dot(sample_weight, self._sq_errors(X)) / sample_weight.sum())
+        if is_dask_array(X):
+            from . import _dask
 
-    def _sq_errors(self, X):
-        error = (X - self._decode(self._encode(X))).astype(np.float64)
-        return np.einsum("ij,ij->i", error, error)
+            X = self._lazy_input(X)
+            return _dask.lazy_score(X, sample_weight, self._sq_errors)
+        X = self._validated_query(X)
+        sample_weight = checked_weights(sample_weight, X)
+        return -mean_sq_error(self._sq_errors(X), sample_weight)
 
     def get_feature_names_out(self, input_features=None):
         """Names of the output columns of :meth:`transform`.
@@ -311,7 +250,7 @@ class _MultiCodebookQuantizer(TransformerMixin, BaseEstimator):
         check_is_fitted(self)
         _check_feature_names_in(self, input_features, generate_names=False)
         prefix = self.__class__.__name__.lower()
-        n_codebooks = len(self.quantizers_)
+        n_codebooks = len(self._states)
         if self.encode == "index":
             names = [f"{prefix}_code{j}" for j in range(n_codebooks)]
         else:
@@ -322,14 +261,22 @@ class _MultiCodebookQuantizer(TransformerMixin, BaseEstimator):
             ]
         return np.asarray(names, dtype=object)
 
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        if self.encode == "index":
-            tags.transformer_tags.preserves_dtype = []
-        else:
-            tags.transformer_tags.preserves_dtype = ["float64", "float32"]
-        return tags
 
+# Parameters a code book view shares with its multi-codebook estimator.
+_SHARED_PARAMETERS = (
+    "n_codes",
+    "ema_momentum",
+    "dead_code_threshold",
+    "relocate",
+    "init",
+    "algorithm",
+    "batch_size",
+    "max_iter",
+    "tol",
+    "max_no_improvement",
+    "n_jobs",
+    "verbose",
+)
 
 _COMMON_PARAMETERS = """
     ema_momentum : float, default=0.99
@@ -391,9 +338,10 @@ class ProductVQTransformer(_MultiCodebookQuantizer):
     features, of sizes differing by at most one, and each group is quantised
     by its own code book of ``n_codes`` codes.  A sample is stored as
     ``n_subspaces`` codes (``n_subspaces * log2(n_codes)`` bits) and decoded
-    by concatenating the code vectors.  Each code book is a
-    :class:`VQCodebookTransformer` on its subspace: the same EMA rule,
-    ``fit`` schedule, re-seeding and relocation.
+    by concatenating the code vectors.  Each code book learns as a
+    :class:`VQCodebookTransformer` on its subspace would: the same EMA rule,
+    ``fit`` schedule, re-seeding and relocation; the code books train in
+    lockstep, one pass over the rows per step for all of them.
 
     Read more in the :ref:`multi-codebook guide <multi_codebook>`.
 
@@ -410,7 +358,9 @@ class ProductVQTransformer(_MultiCodebookQuantizer):
     Attributes
     ----------
     quantizers_ : list of VQCodebookTransformer
-        The code book of each subspace, fitted on its features.
+        A read-only view of each subspace's code book as a fitted single
+        quantiser of its features (changing them does not change this
+        estimator).
 
     codebooks_ : list of ndarray of shape (n_codes, subspace size)
         The code vectors of each subspace.
@@ -509,16 +459,17 @@ class ProductVQTransformer(_MultiCodebookQuantizer):
         ]
         self.subspace_bounds_ = np.concatenate([[0], np.cumsum(sizes)])
 
-    def _subspaces(self, X):
-        """Each subspace's features of ``X``, as C-contiguous arrays (or Dask)."""
+    def _columns(self):
+        """The features each code book sees, by key."""
         bounds = self.subspace_bounds_
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-            part = X[:, a:b]
-            yield part if _is_dask_array(X) else np.ascontiguousarray(part)
+        return {j: (int(bounds[j]), int(bounds[j + 1])) for j in range(len(bounds) - 1)}
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None, sample_weight=None):
         """Learn every code book from scratch on its subspace.
+
+        The code books follow the single code book's ``fit`` schedule, all
+        on the same stages, each step one pass over the rows for all of them.
 
         Parameters
         ----------
@@ -537,19 +488,22 @@ class ProductVQTransformer(_MultiCodebookQuantizer):
             Fitted estimator.
         """
         with self._unchanged_on_error():
-            if _is_dask_array(X):
-                from . import _dask
-
-                X = _dask.checked_multi_input(self, X, reset=True)
-            else:
-                X, sample_weight = self._validate_batch(X, sample_weight, reset=True)
+            rng = check_random_state(self.random_state)
+            X, sample_weight = self._training_input(X, sample_weight, reset=True)
             self._set_subspaces(X.shape[1])
-            seeds = self._seeds(self.n_subspaces_)
-            self.quantizers_ = [
-                self._quantizer(seed).fit(part, sample_weight=sample_weight)
-                for seed, part in zip(seeds, self._subspaces(X), strict=True)
+            rngs = self._seeds(rng, self.n_subspaces_)
+            source = self._make_source(
+                X, sample_weight, rng=rng, columns=self._columns()
+            )
+            config = self._config()
+            schedules = [
+                FitSchedule(config, source, stage_rng, key=j).run()
+                for j, stage_rng in enumerate(rngs)
             ]
-            self._finish_fit()
+            with blas_held(self.n_jobs, source.plan.n_rows * self.n_codes):
+                outcomes = drive(source, schedules)
+            self._states = tuple(outcome.state for outcome in outcomes)
+            self.n_iter_ = sum(outcome.n_iter for outcome in outcomes)
         return self
 
     def partial_fit(self, X, y=None, sample_weight=None):
@@ -571,44 +525,57 @@ class ProductVQTransformer(_MultiCodebookQuantizer):
         self : object
             Updated estimator.
         """
-        self._validate_params()
+        config = self._validate_params_once()
         with self._unchanged_on_error():
-            first = not hasattr(self, "quantizers_")
-            if _is_dask_array(X):
-                from . import _dask
-
-                X = _dask.checked_multi_input(self, X, reset=first)
-            else:
-                X, sample_weight = self._validate_batch(X, sample_weight, reset=first)
+            first = not self.__sklearn_is_fitted__()
+            X, sample_weight = self._training_input(X, sample_weight, reset=first)
             if first:
                 self._set_subspaces(X.shape[1])
-                self.quantizers_ = [
-                    self._quantizer(seed) for seed in self._seeds(self.n_subspaces_)
+            unit = None if first else self._states[0].unit
+            source = self._make_source(
+                X, sample_weight, unit=unit, columns=self._columns()
+            )
+            if first:
+                random_state = check_random_state(self.random_state)
+                rngs = self._seeds(random_state, self.n_subspaces_)
+                schedules = [
+                    start_stream(config, source, j, stage_rng)
+                    for j, stage_rng in enumerate(rngs)
                 ]
-                self._finish_fit()
-            for quantizer, part in zip(
-                self.quantizers_, self._subspaces(X), strict=True
-            ):
-                if _is_dask_array(part):
-                    quantizer.partial_fit(part, sample_weight=sample_weight)
-                    continue
-                # X was validated above: step the code book directly.
-                if first:
-                    self._start(quantizer, part, sample_weight, quantizer.random_state)
-                quantizer._step(part, sample_weight)
+                self.n_iter_ = 0
+            else:
+                schedules = [
+                    stream_step(config, state, j)
+                    for j, state in enumerate(self._states)
+                ]
+            self._states = tuple(drive(source, schedules))
         return self
+
+    def _subspaces(self, X):
+        """Each subspace's features of ``X``, as C-contiguous arrays."""
+        bounds = self.subspace_bounds_
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            yield np.ascontiguousarray(X[:, a:b])
 
     def _encode(self, X):
         return np.column_stack(
             [
-                q._index.nearest(part, n_jobs=self.n_jobs)[0]
-                for q, part in zip(self.quantizers_, self._subspaces(X), strict=True)
+                state.user_index.nearest(part, n_jobs=self.n_jobs)[0]
+                for state, part in zip(self._states, self._subspaces(X), strict=True)
             ]
         )
 
+    def _sq_errors(self, X):
+        total = np.zeros(X.shape[0])
+        for state, part in zip(self._states, self._subspaces(X), strict=True):
+            total += state.user_index.nearest(
+                part, n_jobs=self.n_jobs, return_sq_dist=True
+            )[1]
+        return total
+
     def _decode(self, codes):
         return np.hstack(
-            [q.codebook_[codes[:, j]] for j, q in enumerate(self.quantizers_)]
+            [state.codebook[codes[:, j]] for j, state in enumerate(self._states)]
         )
 
 
@@ -622,9 +589,9 @@ class ResidualVQTransformer(_MultiCodebookQuantizer):
     ``beam_size`` best partial sums from stage to stage (beam search;
     ``beam_size=1`` is greedy).
 
-    ``fit`` trains the stages greedily (stage ``s`` is a
-    :class:`VQCodebookTransformer` fitted on the residuals of the stages
-    before it), then refines them jointly: every code book is solved again
+    ``fit`` trains the stages greedily (stage ``s`` is fitted, as a
+    :class:`VQCodebookTransformer` would be, on what the stages before it
+    leave of each row), then refines them jointly: every code book is solved again
     at once by least squares for the current codes (a Lloyd step per stage
     in turn when ``n_stages * n_codes > 4096``) and the rows are encoded
     again; a pass is kept only if the error drops, and the passes stop when
@@ -650,7 +617,8 @@ class ResidualVQTransformer(_MultiCodebookQuantizer):
     Attributes
     ----------
     quantizers_ : list of VQCodebookTransformer
-        The code book of each stage.
+        A read-only view of each stage's code book as a fitted single
+        quantiser (changing them does not change this estimator).
 
     codebooks_ : list of ndarray of shape (n_codes, n_features)
         The code vectors of each stage.
@@ -763,125 +731,24 @@ class ResidualVQTransformer(_MultiCodebookQuantizer):
             Fitted estimator.
         """
         with self._unchanged_on_error():
-            if _is_dask_array(X):
-                from . import _dask
-
-                return _dask.fit_residual(self, X, sample_weight)
-            X, sample_weight = self._validate_batch(X, sample_weight, reset=True)
-            # Train on the distinct rows, weighted, in canonical order: the
-            # residuals of later stages then depend only on the weighted
-            # distribution, not on how rounding differs between a row
-            # weighted 2 and a row seen twice.
-            points, sample_weight = canonical_sample(X, sample_weight)
-            X = points.astype(X.dtype)
-            self.quantizers_ = []
-            residual, paths = X, None
-            for seed in self._seeds(self.n_stages):
-                quantizer = self._quantizer(seed).fit(
-                    residual, sample_weight=sample_weight
-                )
-                self.quantizers_.append(quantizer)
-                residual, paths = self._next_residual(X, residual, quantizer, paths)
-            self._refine(X, sample_weight)
-            self._finish_fit()
+            rng = check_random_state(self.random_state)
+            X, sample_weight = self._training_input(X, sample_weight, reset=True)
+            if not is_dask_array(X):
+                # Train on the distinct rows, weighted, in canonical order:
+                # the residuals of later stages then depend only on the
+                # weighted distribution, not on how rounding differs between
+                # a row weighted 2 and a row seen twice.
+                sample = canonical_sample(X, sample_weight)
+                X, sample_weight = sample.points.astype(X.dtype), sample.weights
+            rngs = self._seeds(rng, self.n_stages)
+            source = self._make_source(X, sample_weight, rng=rng)
+            training = ResidualTraining(self._config(), source, self.beam_size, rngs)
+            with blas_held(self.n_jobs, source.plan.n_rows * self.n_codes):
+                outcome = run(source, training.fit())
+            self._states = outcome.states
+            self.n_iter_ = outcome.n_iter
+            self.n_refinements_ = outcome.n_refinements
         return self
-
-    def _next_residual(self, X, residual, quantizer, paths):
-        """What the stages so far leave of ``X``, after adding ``quantizer``.
-
-        Greedy encoding only needs the new stage's nearest codes; beam
-        search extends the kept ``paths`` (None before the first stage) by
-        the new stage, and the residual is that of each row's best path.
-        Returns ``(residual, paths)``.
-        """
-        if self.beam_size == 1:
-            labels = quantizer._index.nearest(residual, n_jobs=self.n_jobs)[0]
-            return residual - quantizer.codebook_[labels], paths
-        if paths is None:
-            paths = np.empty((X.shape[0], 1, 0), dtype=np.intp)
-        vectors = [q.codebook_.astype(np.float64) for q in self.quantizers_]
-        paths, _ = extend_beams(X, paths, vectors[:-1], vectors[-1], self.beam_size)
-        return X - self._decode(paths[:, 0]), paths
-
-    def _refine(self, X, sample_weight):
-        """Joint passes after greedy training: re-solve, re-encode, repeat.
-
-        Each pass re-solves every code book at once for the current codes
-        (least squares, :func:`~skvq._kernels.least_squares_codebooks`; a
-        Lloyd step per stage in turn when the system would be too large),
-        then encodes the rows again.  A pass that does not lower the error by
-        ``_REFINE_RTOL`` ends the refinement (and is undone if it raised it).
-        """
-        total = sample_weight.sum()
-        codes, sq_err = self._encode(X, return_sq_err=True)
-        best = float(np.dot(sample_weight, sq_err) / total)
-        joint = self.n_stages * self.n_codes <= _JOINT_SOLVE_MAX
-        self.n_refinements_ = 0
-        for _ in range(_REFINE_PASSES):
-            saved = [dict(q.__dict__) for q in self.quantizers_]
-            if joint:
-                solved = least_squares_codebooks(
-                    X, sample_weight, codes, self.codebooks_
-                )
-                self._install(solved, X, sample_weight, codes)
-            else:
-                self._stage_steps(X, sample_weight, codes, momentum=0.0)
-            new_codes, new_sq_err = self._encode(X, return_sq_err=True)
-            error = float(np.dot(sample_weight, new_sq_err) / total)
-            if self.verbose:
-                print(f"Refinement {self.n_refinements_ + 1}: error {error:.6g}")
-            if not error < best * (1.0 - _REFINE_RTOL):
-                if error > best:
-                    for quantizer, state in zip(self.quantizers_, saved, strict=True):
-                        quantizer.__dict__.update(state)
-                break
-            best, codes = error, new_codes
-            self.n_refinements_ += 1
-
-    def _install(self, codebooks, X, sample_weight, codes):
-        """Set every stage to solved code vectors, with fit-style statistics.
-
-        Counts are per ``batch_size`` rows (as ``fit`` leaves them); a code
-        no row uses keeps its vector; each code's distortion is the error
-        left on the rows that use it.
-        """
-        scale = min(self.batch_size, X.shape[0]) / X.shape[0]
-        decoded = sum(c[codes[:, s]] for s, c in enumerate(codebooks))
-        error = X.astype(np.float64) - decoded
-        sq_err = np.einsum("ij,ij->i", error, error)
-        for s, (quantizer, vectors) in enumerate(
-            zip(self.quantizers_, codebooks, strict=True)
-        ):
-            counts = scale * np.bincount(codes[:, s], sample_weight, self.n_codes)
-            used = counts > 0
-            codebook = quantizer.codebook_.copy()
-            codebook[used] = vectors[used]
-            counts = np.maximum(counts, COUNT_FLOOR)
-            sums = counts[:, None] * codebook.astype(np.float64)
-            distortions = scale * np.bincount(
-                codes[:, s], sample_weight * sq_err, self.n_codes
-            )
-            quantizer._set_state((codebook, counts, sums, distortions))
-
-    def _stage_steps(self, X, sample_weight, codes, momentum=None):
-        """One EMA step of every stage towards what the other stages leave.
-
-        With ``momentum=0`` (refinement of ``fit``) the stages move in turn,
-        each seeing the others' latest vectors (a Lloyd step per stage on
-        all the rows); otherwise (a stream) every stage steps from the same
-        joint encoding of the batch.
-        """
-        decoded = self._decode(codes)
-        full = momentum == 0.0
-        scale = min(self.batch_size, X.shape[0]) / X.shape[0] if full else None
-        for s, quantizer in enumerate(self.quantizers_):
-            own = quantizer.codebook_[codes[:, s]]
-            target, sq_dist = stage_target(X, decoded, own)
-            quantizer._update(
-                target, sample_weight, codes[:, s], sq_dist, None, momentum, scale
-            )
-            if full:
-                decoded += quantizer.codebook_[codes[:, s]] - own
 
     def partial_fit(self, X, y=None, sample_weight=None):
         """One EMA step of every stage from the same batch.
@@ -906,41 +773,35 @@ class ResidualVQTransformer(_MultiCodebookQuantizer):
         self : object
             Updated estimator.
         """
-        self._validate_params()
+        config = self._validate_params_once()
         with self._unchanged_on_error():
-            if _is_dask_array(X):
-                from . import _dask
-
-                return _dask.partial_fit_residual(self, X, sample_weight)
-            first = not hasattr(self, "quantizers_")
-            X, sample_weight = self._validate_batch(X, sample_weight, reset=first)
+            first = not self.__sklearn_is_fitted__()
+            X, sample_weight = self._training_input(X, sample_weight, reset=first)
+            unit = None if first else self._states[0].unit
+            source = self._make_source(X, sample_weight, unit=unit)
             if first:
-                self._start_stages(X, sample_weight)
-            self._stage_steps(X, sample_weight, self._encode(X))
+                rngs = self._seeds(check_random_state(self.random_state), self.n_stages)
+                training = ResidualTraining(config, source, self.beam_size, rngs)
+                self._states = run(source, training.start())
+                self.n_iter_ = 0
+            else:
+                self._states = run(
+                    source, joint_step(config, self._states, self.beam_size)
+                )
         return self
 
-    def _start_stages(self, X, sample_weight):
-        """Initialise every stage from the residuals of the first batch."""
-        self.quantizers_ = []
-        residual, paths = X, None
-        for seed in self._seeds(self.n_stages):
-            quantizer = self._quantizer(seed)
-            self._start(quantizer, residual, sample_weight, seed)
-            self.quantizers_.append(quantizer)
-            residual, paths = self._next_residual(X, residual, quantizer, paths)
-        self._finish_fit()
+    def _indexes(self):
+        return [state.user_index for state in self._states]
 
-    def _encode(self, X, return_sq_err=False, n_stages=None):
-        """Codes of ``X`` by the first ``n_stages`` stages (default: all)."""
-        stages = self.quantizers_[:n_stages]
-        codes, sq_err = residual_beam_search(
-            X, [q._index for q in stages], self.beam_size, self.n_jobs
-        )
-        return (codes, sq_err) if return_sq_err else codes
+    def _encode(self, X):
+        return beam_search(X, self._indexes(), self.beam_size, self.n_jobs)[0]
+
+    def _sq_errors(self, X):
+        return beam_search(X, self._indexes(), self.beam_size, self.n_jobs)[1]
 
     def _decode(self, codes):
-        """The sum of one code vector per column of ``codes`` (leading stages)."""
-        decoded = self.quantizers_[0].codebook_[codes[:, 0]].copy()
-        for s in range(1, codes.shape[1]):
-            decoded += self.quantizers_[s].codebook_[codes[:, s]]
-        return decoded
+        """The sum of one code vector per stage."""
+        dtype = self._states[0].codes.dtype
+        if codes.shape[0] == 0:
+            return np.zeros((0, self.n_features_in_), dtype=dtype)
+        return decode(self._indexes(), codes, dtype)

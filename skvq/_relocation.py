@@ -22,13 +22,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._kernels import canonical_sample
+from ._rows import canonical_sample, merge_samples, row_priority
 
 # A cell is split only when it holds at least this many rows: the gain is
 # estimated by cross-fitting two halves, and each needs a few rows per child.
 MIN_SPLIT_ROWS = 8
-# Distinct rows of a cell that a split looks at, at most (the first ones in
-# canonical order, a hash order: a pseudo-random subset).
+# Distinct rows of a cell that a split looks at, at most (those of lowest
+# priority: a pseudo-random subset that is a function of the cell's rows).
 MAX_SPLIT_ROWS = 4096
 # Power iterations for a cell's principal axis, then 2-means steps.
 _AXIS_ITER = 4
@@ -127,9 +127,12 @@ def split_cell(Y, v, code, min_gain=0.0):
     The children are fitted on all rows; the gain on those same rows is
     biased upwards, so when it exceeds ``min_gain`` (else the cell is
     passed over, at the cost of one 2-means fit), the gain is estimated
-    again by two-fold cross-fitting: children fitted on the even rows are
-    measured on the odd ones and the other way round, an honest estimate
-    even from a few rows.
+    again by two-fold cross-fitting: children fitted on one fold are
+    measured on the other and the other way round, an honest estimate even
+    from a few rows.  The folds alternate along the rows' priorities
+    (:func:`~skvq._rows.row_priority`): pseudo-random, yet a function of the
+    rows as a set, so the estimate does not depend on their order and barely
+    moves when they change by rounding.
 
     Returns
     -------
@@ -150,9 +153,10 @@ def split_cell(Y, v, code, min_gain=0.0):
     after = float(v @ np.minimum(_sq_dist(Y, a), _sq_dist(Y, b)))
     if not before - after > min_gain:
         return 0.0, None
+    rank = np.argsort(row_priority(Y), kind="stable")
+    folds = (np.sort(rank[0::2]), np.sort(rank[1::2]))
     gain = 0.0
-    halves = (slice(0, None, 2), slice(1, None, 2))
-    for fit_rows, test_rows in (halves, halves[::-1]):
+    for fit_rows, test_rows in (folds, folds[::-1]):
         fold = _two_means(Y[fit_rows], v[fit_rows])
         if fold is None:
             return 0.0, None
@@ -166,7 +170,8 @@ def split_cell(Y, v, code, min_gain=0.0):
 
 def cell_members(X, sample_weight, labels, cells, min_rows=1):
     """Distinct rows of each of ``cells``, in canonical order, at most
-    ``MAX_SPLIT_ROWS`` of them, with their summed weights.
+    ``MAX_SPLIT_ROWS`` of them (those of lowest priority), with their summed
+    weights.
 
     Like initialisation, relocation then depends only on the weighted
     distribution of the rows (not on their order or repetition), and the
@@ -184,25 +189,30 @@ def cell_members(X, sample_weight, labels, cells, min_rows=1):
     for p in cells:
         found = np.flatnonzero(labels == p)
         if found.shape[0] >= max(min_rows, 1):
-            members[int(p)] = _first_distinct(X[found], sample_weight[found])
-    return {p: rows for p, rows in members.items() if rows[0].shape[0]}
-
-
-def _first_distinct(X, sample_weight):
-    points, weights = canonical_sample(X, sample_weight)
-    return points[:MAX_SPLIT_ROWS], weights[:MAX_SPLIT_ROWS]
+            sample = canonical_sample(
+                X[found], sample_weight[found], max_rows=MAX_SPLIT_ROWS
+            )
+            if sample.n_rows:
+                members[int(p)] = (sample.points, sample.weights)
+    return members
 
 
 def merge_members(parts):
     """The members of a batch from the members of its parts."""
+    if len(parts) == 1:
+        return parts[0]
     merged = {}
     for part in parts:
-        for p, rows in part.items():
-            merged.setdefault(p, []).append(rows)
+        for p, (Y, v) in part.items():
+            merged.setdefault(p, []).append(canonical_sample(Y, v))
     return {
-        p: _first_distinct(*(np.concatenate(c) for c in zip(*rows, strict=True)))
-        for p, rows in merged.items()
+        p: _pair(merge_samples(samples, MAX_SPLIT_ROWS))
+        for p, samples in merged.items()
     }
+
+
+def _pair(sample):
+    return sample.points, sample.weights
 
 
 def split_rows(members, cell_weights):

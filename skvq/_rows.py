@@ -1,11 +1,104 @@
-"""Exact grouping of equal rows by a 64-bit hash of their bits.
+"""Canonical handling of sets of weighted rows.
 
-Sorting ``n`` hashes is far cheaper than sorting ``n`` rows (what
-``np.unique(..., axis=0)`` does), and the order it gives depends only on the
-set of distinct rows, which is what canonical orders need.
+Initialisation, re-seeding and relocation look at the distinct rows of some
+data, and must depend on those rows as a weighted set, never on their order,
+their repetition or the chunks they arrived in.  This module gives them:
+
+- exact grouping of equal rows (:func:`group_rows`), by a 64-bit hash of
+  their bits, far cheaper than sorting rows;
+- a canonical order of distinct rows: by their projection onto a fixed,
+  generic direction (ties, which need an exact linear relation between
+  distinct rows, by lexicographic order).  Unlike a hash order, it moves
+  only where two rows project within rounding of each other, so rows that
+  differ by rounding (the same residuals computed chunk by chunk, weights
+  scaled by 1e-3) keep their order, and draws made along it (k-means++)
+  stay the same;
+- canonical subsets (:func:`canonical_sample`): the distinct rows of lowest
+  *priority*, a pseudo-random number that each row draws from its own values
+  alone, scale-free and only mildly sensitive to rounding.  A subset of a
+  union is the subset of the parts' subsets (:func:`merge_samples`), so
+  chunks can send their own.
+
+Every quantity here is invariant under a power-of-two scaling of the rows:
+projections scale exactly, priorities use each row's own binary exponent.
+The projections are running sums along each row, so that a row's value never
+depends on its position in the array (BLAS products may block rows by
+alignment).
 """
 
+from dataclasses import dataclass
+from functools import lru_cache
+
 import numpy as np
+
+# Priorities are the fractional part of this multiple of a normalised
+# projection: large enough to scatter nearby rows over [0, 1), small enough
+# that rounding differences (1e-16 relative) move a priority by about 1e-10.
+_PRIORITY_SPREAD = 2.0**20
+# Rows per block of a projection (bounds its temporary).
+_PROJECTION_ROWS = 4096
+
+
+@lru_cache(maxsize=16)
+def _directions(n_features):
+    """Two fixed generic directions: one orders rows, one gives priorities.
+
+    Drawn once from a fixed seed: random float64 components make an exact
+    tie between two distinct rows (an exact linear relation) practically
+    impossible, also for integer data.
+    """
+    rng = np.random.default_rng(0x5C7A)
+    return rng.uniform(0.5, 1.5, size=(2, n_features))
+
+
+def project(rows, direction):
+    """``rows @ direction``, computed the same way for every row.
+
+    A cumulative sum along each row adds its terms in column order by
+    definition, so a row's value is the same sequence of roundings wherever
+    the row sits, in whatever array (a BLAS product or a reduction may group
+    the terms differently by alignment or shape).
+    """
+    out = np.empty(rows.shape[0])
+    if rows.shape[1] == 0:
+        out[:] = 0.0
+        return out
+    for start in range(0, rows.shape[0], _PROJECTION_ROWS):
+        block = rows[start : start + _PROJECTION_ROWS] * direction
+        out[start : start + _PROJECTION_ROWS] = np.cumsum(block, axis=1)[:, -1]
+    return out
+
+
+def row_priority(rows):
+    """A pseudo-random number in [0, 1) per row, from the row's values alone.
+
+    The fractional part of a large multiple of the row's projection, after
+    the row is divided by a power of two that brings its largest entry into
+    [0.5, 1): the same for a row at any scale, the same for equal rows.
+    """
+    largest = np.abs(rows).max(axis=1, initial=0.0)
+    exponent = np.frexp(largest)[1]
+    # Exponents are clipped where 2**-exponent would leave float64 (rows
+    # beyond 2**+-1000, which internal units never produce).
+    np.clip(exponent, -1000, 1000, out=exponent)
+    normalised = rows * np.ldexp(1.0, -exponent)[:, None]
+    priority = project(normalised, _directions(rows.shape[1])[1])
+    priority *= _PRIORITY_SPREAD
+    priority -= np.floor(priority)
+    return priority
+
+
+def canonical_order(rows):
+    """Indices that sort distinct ``rows`` canonically (see the module)."""
+    if rows.shape[0] < 2:
+        return np.arange(rows.shape[0])
+    key = project(rows, _directions(rows.shape[1])[0])
+    order = np.argsort(key, kind="stable")
+    if np.any(key[order[1:]] == key[order[:-1]]):
+        # An exact tie between distinct rows: lexicographic among ties.
+        columns = tuple(rows[:, j] for j in reversed(range(rows.shape[1])))
+        order = np.lexsort(columns + (key,))
+    return order
 
 
 def _mix64(z):
@@ -20,43 +113,33 @@ def _mix64(z):
 
 
 def group_rows(X):
-    """Group the equal rows of ``X``, in a canonical order of the groups.
+    """Group the equal rows of ``X``, groups in canonical order.
 
     Returns
     -------
     rows : ndarray of shape (n_rows, n_features), float64
         ``X`` in float64, with ``-0.0`` turned into ``0.0``.
     first : ndarray of shape (n_groups,), dtype=intp
-        Index of the first row of each group, groups in canonical order: by
-        row hash, or lexicographic should two distinct rows share a hash
-        (either way a property of the set of distinct rows alone).
+        Index of the first row of each group, groups in canonical order
+        (:func:`canonical_order` of the distinct rows).
     inverse : ndarray of shape (n_rows,), dtype=intp
         The group of each row.
     """
     rows = X.astype(np.float64)
     rows += 0.0  # -0.0 + 0.0 == +0.0: equal values get equal bits
-    order, starts = _hash_groups(rows)
-    if order is None:
-        _, first, inverse = np.unique(
-            rows, axis=0, return_index=True, return_inverse=True
-        )
-        return rows, first, inverse.reshape(-1)
-    inverse = np.empty(rows.shape[0], dtype=np.intp)
-    group = np.zeros(rows.shape[0], dtype=np.intp)
-    group[starts[1:]] = 1
-    inverse[order] = np.cumsum(group)
-    # The stable sort lists equal rows in ascending order.
-    return rows, order[starts], inverse
+    first, inverse = _equal_rows(rows)
+    order = canonical_order(rows[first])
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.shape[0])
+    return rows, first[order], rank[inverse]
 
 
-def _hash_groups(rows):
-    """Rows sorted by hash, and the start of each group of equal rows.
+def _equal_rows(rows):
+    """First index of each group of equal rows, and each row's group.
 
-    ``rows`` is a float64 array without ``-0.0``.  Each value's bits, offset
-    by a constant of its column, go through a 64-bit mixer; the row hash is
-    the mixed sum.  Equal rows share a hash; the stable sort keeps them in
-    ascending row order.  Returns ``(None, None)`` when two distinct rows
-    share a hash.
+    Rows are grouped by a 64-bit hash of their bits (each value offset by a
+    constant of its column, mixed, summed and mixed again); should two
+    distinct rows share a hash, by ``np.unique`` instead.
     """
     n_rows, n_features = rows.shape
     if n_rows == 0:
@@ -71,6 +154,85 @@ def _hash_groups(rows):
     if same_key.any():
         tied = np.flatnonzero(same_key)
         if np.any(rows[order[tied]] != rows[order[tied + 1]]):
-            return None, None
+            _, first, inverse = np.unique(
+                rows, axis=0, return_index=True, return_inverse=True
+            )
+            return first, inverse.reshape(-1)
     starts = np.flatnonzero(np.concatenate(([True], ~same_key)))
-    return order, starts
+    group = np.zeros(n_rows, dtype=np.intp)
+    group[starts[1:]] = 1
+    inverse = np.empty(n_rows, dtype=np.intp)
+    inverse[order] = np.cumsum(group)
+    # The stable sort lists equal rows in ascending order: the first is the
+    # group's first row.
+    return order[starts], inverse
+
+
+@dataclass(frozen=True)
+class WeightedRows:
+    """Distinct rows with their summed weights, in canonical order.
+
+    ``values`` carries one number per row that equal rows share (a squared
+    distance, say).
+    """
+
+    points: np.ndarray  # (n, n_features), float64
+    weights: np.ndarray  # (n,)
+    values: np.ndarray | None = None  # (n,)
+
+    @property
+    def n_rows(self):
+        return self.points.shape[0]
+
+
+def canonical_sample(X, sample_weight, values=None, max_rows=None):
+    """The distinct rows of positive weight, in canonical order.
+
+    Duplicate rows are merged (weights summed) and rows of zero weight
+    dropped, so the result depends only on the weighted empirical
+    distribution of ``(X, sample_weight)``.  With ``max_rows``, only the
+    ``max_rows`` distinct rows of lowest priority are kept (ties by
+    canonical order): a pseudo-random subset that is a function of the set.
+
+    Returns
+    -------
+    WeightedRows
+    """
+    keep = sample_weight > 0
+    if not keep.all():
+        X, sample_weight = X[keep], sample_weight[keep]
+        values = None if values is None else values[keep]
+    rows, first, inverse = group_rows(X)
+    points = rows[first]
+    weights = np.bincount(inverse, weights=sample_weight, minlength=points.shape[0])
+    point_values = None
+    if values is not None:
+        point_values = np.empty(points.shape[0], dtype=values.dtype)
+        point_values[inverse] = values
+    if max_rows is not None and points.shape[0] > max_rows:
+        # A stable sort on priority keeps canonical order among equal ones.
+        priority = row_priority(points)
+        chosen = np.sort(np.argsort(priority, kind="stable")[:max_rows])
+        points, weights = points[chosen], weights[chosen]
+        if point_values is not None:
+            point_values = point_values[chosen]
+    return WeightedRows(points, weights, point_values)
+
+
+def merge_samples(parts, max_rows=None):
+    """The canonical sample of the union of the sets that ``parts`` sample.
+
+    Exact when each part is the canonical sample (with the same
+    ``max_rows``) of its own rows: a row among the lowest priorities of the
+    union is among the lowest of every part that holds it.
+    """
+    parts = [p for p in parts if p is not None and p.n_rows]
+    if not parts:
+        return None
+    if len(parts) == 1 and (max_rows is None or parts[0].n_rows <= max_rows):
+        return parts[0]
+    has_values = parts[0].values is not None
+    points = np.concatenate([p.points for p in parts])
+    weights = np.concatenate([p.weights for p in parts])
+    values = np.concatenate([p.values for p in parts]) if has_values else None
+    return canonical_sample(points, weights, values, max_rows)

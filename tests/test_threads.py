@@ -9,10 +9,11 @@ from numpy.testing import assert_array_equal
 from sklearn.datasets import make_blobs
 from threadpoolctl import threadpool_info, threadpool_limits
 
-import skvq._search as search
+import skvq._threads as threads
 from skvq import VQCodebookTransformer
-from skvq._kernels import LloydBounds, canonical_sample
-from skvq._search import _CodebookIndex
+from skvq._kernels import LloydBounds
+from skvq._rows import canonical_sample
+from skvq._search import CodebookIndex
 
 
 def blas_threads():
@@ -26,10 +27,10 @@ def data(n=20_000, n_features=8, seed=0):
 
 def test_default_threads_follow_threadpool_limits():
     with threadpool_limits(limits=1, user_api="blas"):
-        assert search._n_threads(None) == 1
+        assert threads.n_threads(None) == 1
     with threadpool_limits(limits=2, user_api="blas"):
-        assert search._n_threads(None) == min(2, search._n_cores())
-    assert search._n_threads(None) == min([search._n_cores(), *blas_threads()])
+        assert threads.n_threads(None) == min(2, threads.n_cores())
+    assert threads.n_threads(None) == min([threads.n_cores(), *blas_threads()])
 
 
 def test_one_blas_thread_keeps_skvq_in_the_calling_thread(monkeypatch):
@@ -41,7 +42,7 @@ def test_one_blas_thread_keeps_skvq_in_the_calling_thread(monkeypatch):
     def no_pool(n_threads):
         raise AssertionError("the thread pool was used under a limit of 1")
 
-    monkeypatch.setattr(search, "_thread_pool", no_pool)
+    monkeypatch.setattr(threads, "thread_pool", no_pool)
     with threadpool_limits(limits=1):
         assert_array_equal(vq.predict(X), expected)
 
@@ -89,7 +90,7 @@ def test_the_blas_hold_is_released_when_a_search_fails(monkeypatch):
     def broken(self, X, prep):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(_CodebookIndex, "_brute_block", broken)
+    monkeypatch.setattr(CodebookIndex, "_brute_block", broken)
     with pytest.raises(RuntimeError, match="boom"):
         vq.predict(X)
     assert blas_threads() == before
@@ -114,7 +115,7 @@ def test_lloyd_bounds_give_the_labels_of_a_full_search(dtype):
     bounds = LloydBounds(5, dtype)
     n_searched = []
     for step in range(8):
-        index = _CodebookIndex(codes, "brute")
+        index = CodebookIndex(codes, "brute")
         labels, sq_dist = bounds.assign(index, X)
         full, full_sq = index.nearest(X, return_sq_dist=True)
         assert_array_equal(labels, full)
@@ -136,18 +137,19 @@ def test_lloyd_bounds_search_again_after_duplicate_codes():
     codes = X[:10].copy()
     codes[3] = codes[2]  # a duplicate ties with its twin: no bound
     bounds = LloydBounds(3, X.dtype)
-    index = _CodebookIndex(codes, "brute")
+    index = CodebookIndex(codes, "brute")
     bounds.assign(index, X)
     moved = codes + 1e-4
-    labels, _ = bounds.assign(_CodebookIndex(moved, "brute"), X)
-    assert_array_equal(labels, _CodebookIndex(moved, "brute").nearest(X)[0])
+    labels, _ = bounds.assign(CodebookIndex(moved, "brute"), X)
+    assert_array_equal(labels, CodebookIndex(moved, "brute").nearest(X)[0])
 
 
 # ------------------------------------------------------- canonical order
 def test_canonical_sample_merges_signed_zeros_and_duplicates():
     X = np.array([[0.0, 1.0], [-0.0, 1.0], [2.0, 3.0], [2.0, 3.0], [5.0, 5.0]])
     w = np.array([1.0, 2.0, 1.0, 1.0, 0.0])
-    points, weights = canonical_sample(X, w)
+    sample = canonical_sample(X, w)
+    points, weights = sample.points, sample.weights
     order = np.lexsort(points.T[::-1])
     assert_array_equal(points[order], [[0.0, 1.0], [2.0, 3.0]])
     assert_array_equal(weights[order], [3.0, 2.0])
@@ -157,16 +159,22 @@ def test_canonical_sample_order_ignores_row_order_and_hash_collisions(monkeypatc
     rng = np.random.RandomState(1)
     X = rng.randint(0, 4, size=(300, 3)).astype(float)
     w = rng.uniform(size=300)
-    points, weights = canonical_sample(X, w)
+    sample = canonical_sample(X, w)
     perm = rng.permutation(300)
-    points_p, weights_p = canonical_sample(X[perm], w[perm])
-    assert_array_equal(points_p, points)
-    np.testing.assert_allclose(weights_p, weights)
-    # Should two distinct rows share a hash, the order becomes lexicographic.
+    permuted = canonical_sample(X[perm], w[perm])
+    assert_array_equal(permuted.points, sample.points)
+    np.testing.assert_allclose(permuted.weights, sample.weights)
+    # Should two distinct rows share a hash, rows are grouped exactly by
+    # np.unique instead, and the sample stays the same.
     import skvq._rows as rows_module
 
-    monkeypatch.setattr(rows_module, "_hash_groups", lambda rows: (None, None))
-    points_c, weights_c = canonical_sample(X[perm], w[perm])
-    unique, inverse = np.unique(X, axis=0, return_inverse=True)
-    assert_array_equal(points_c, unique)
-    np.testing.assert_allclose(weights_c, np.bincount(inverse.ravel(), weights=w))
+    def colliding(rows):
+        _, first, inverse = np.unique(
+            rows, axis=0, return_index=True, return_inverse=True
+        )
+        return first, inverse.reshape(-1)
+
+    monkeypatch.setattr(rows_module, "_equal_rows", colliding)
+    collided = canonical_sample(X[perm], w[perm])
+    assert_array_equal(collided.points, sample.points)
+    np.testing.assert_allclose(collided.weights, sample.weights)

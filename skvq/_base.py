@@ -1,0 +1,258 @@
+"""What the three estimators share: parameters, validation, rollback, output.
+
+Estimators orchestrate: they validate their input, build a data source
+(:mod:`skvq._sources` in memory, :mod:`skvq._dask` for Dask arrays), run the
+training schedules on it and keep the resulting code book states
+(:class:`~skvq._state.CodebookState`), which are immutable.  A call that
+raises restores the attributes it found, states included, so a failed call
+changes nothing.
+"""
+
+from contextlib import contextmanager
+from dataclasses import fields
+from numbers import Integral, Real
+
+import numpy as np
+from scipy import sparse
+from sklearn import get_config
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import (
+    _check_sample_weight,
+    check_is_fitted,
+    validate_data,
+)
+
+from ._kernels import weighted_mean
+from ._sources import in_memory_source
+from ._state import CodebookState, TrainingConfig
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+# Chosen from the experiments in docs/health.rst.
+DEFAULT_DEAD_CODE_THRESHOLD = 0.05
+
+
+def is_dask_array(X):
+    """Whether ``X`` is a Dask array, without importing Dask."""
+    cls = type(X)
+    return cls.__name__ == "Array" and cls.__module__.startswith("dask.array")
+
+
+def checked_weights(sample_weight, X):
+    """Non-negative float64 weights with a positive sum (on every sklearn >= 1.6)."""
+    sample_weight = _check_sample_weight(
+        sample_weight, X, dtype=np.float64, ensure_non_negative=True
+    )
+    if not np.any(sample_weight):
+        raise ValueError("Sample weights must contain at least one non-zero number.")
+    return sample_weight
+
+
+def mean_sq_error(sq_errors, sample_weight):
+    """The weighted mean of squared errors, or an OverflowError naming the
+    problem when it exceeds float64's range."""
+    mean = weighted_mean(sq_errors, sample_weight)
+    if not np.isfinite(mean):
+        raise OverflowError(
+            "The mean squared distance of X to its reconstruction exceeds "
+            "float64's range; rescale X (or compare the models on rescaled data)."
+        )
+    return mean
+
+
+def checked_code_values(codes, n_codes):
+    """Integer codes in ``[0, n_codes)`` as intp, or a ValueError naming the
+    problem (codes already checked for shape and finiteness)."""
+    if codes.dtype.kind == "f" and not np.array_equal(codes, np.round(codes)):
+        raise ValueError("Codes must be integers; got non-integer values.")
+    if codes.size and (codes.min() < 0 or codes.max() >= n_codes):
+        raise ValueError(
+            f"Codes must lie in [0, n_codes={n_codes}); got values from "
+            f"{codes.min()} to {codes.max()}."
+        )
+    return codes.astype(np.intp)
+
+
+def onehot(codes, n_codes, dtype):
+    """One-hot rows of ``codes`` (n_samples, n_codebooks): one 1 per code
+    book, code book ``j`` owning columns ``j * n_codes`` onwards; a sparse
+    array when scikit-learn's ``sparse_interface`` is ``"sparray"``."""
+    n_samples, n_codebooks = codes.shape
+    columns = codes + n_codes * np.arange(n_codebooks)
+    matrix = sparse.csr_matrix(
+        (
+            np.ones(codes.size, dtype=dtype),
+            columns.ravel(),
+            np.arange(0, codes.size + 1, n_codebooks),
+        ),
+        shape=(n_samples, n_codebooks * n_codes),
+    )
+    if get_config().get("sparse_interface", "spmatrix") == "sparray":
+        return sparse.csr_array(matrix)
+    return matrix
+
+
+class QuantizerBase(TransformerMixin, BaseEstimator):
+    """Parameters, validation, rollback and output of every skvq quantiser.
+
+    Subclasses keep their code book states in ``self._states`` (a tuple of
+    :class:`~skvq._state.CodebookState`).
+    """
+
+    _parameter_constraints: dict = {
+        "n_codes": [Interval(Integral, 1, None, closed="left")],
+        "ema_momentum": [Interval(Real, 0, 1, closed="left")],
+        "dead_code_threshold": [Interval(Real, 0, 1, closed="left")],
+        "relocate": ["boolean"],
+        "init": [StrOptions({"k-means++", "random"})],
+        "encode": [StrOptions({"index", "onehot"})],
+        "algorithm": [StrOptions({"auto", "kd_tree", "brute"})],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "tol": [Interval(Real, 0, None, closed="left")],
+        "max_no_improvement": [Interval(Integral, 1, None, closed="left"), None],
+        "n_jobs": [Integral, None],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+    }
+
+    # ------------------------------------------------------------ fitted
+    def __sklearn_is_fitted__(self):
+        return "_states" in self.__dict__
+
+    def _fitted_states(self):
+        check_is_fitted(self)
+        return self._states
+
+    def _config(self, **overrides):
+        """The training configuration from the current parameters."""
+        return TrainingConfig.from_params(self.get_params(), **overrides)
+
+    @contextmanager
+    def _unchanged_on_error(self):
+        """Restore every attribute if the body raises (states are immutable,
+        so a shallow copy is a full snapshot)."""
+        saved = dict(self.__dict__)
+        try:
+            yield
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            raise
+
+    # -------------------------------------------------------- validation
+    def _validate_params_once(self):
+        """``_validate_params``, skipped while the parameters are the same
+        objects; returns the training configuration of those parameters.
+
+        ``partial_fit`` is called once per batch of a stream: validating the
+        parameters (and reading them with ``get_params``) again each time
+        would cost more than a small step.
+        """
+        current = tuple(getattr(self, name) for name in self._parameter_constraints)
+        cached = self.__dict__.get("_validated_params")
+        if cached is None or any(
+            a is not b for a, b in zip(current, cached[0], strict=True)
+        ):
+            self._validate_params()
+            cached = self._validated_params = (current, self._config())
+        return cached[1]
+
+    def _validate_batch(self, X, sample_weight, *, reset):
+        """Validated rows (C-contiguous float32 or float64) and weights."""
+        if not reset and self._is_clean_batch(X):
+            # The checks validate_data would make, for a plain float array.
+            if sample_weight is None:
+                return X, np.ones(X.shape[0])
+            return X, checked_weights(sample_weight, X)
+        X = validate_data(
+            self, X, dtype=[np.float64, np.float32], order="C", reset=reset
+        )
+        return X, checked_weights(sample_weight, X)
+
+    def _is_clean_batch(self, X):
+        """Whether ``X`` is a C-contiguous, finite float array of the right width.
+
+        Anything else goes through ``validate_data``, with its usual errors
+        and warnings (feature names included).
+        """
+        return (
+            type(X) is np.ndarray
+            and X.ndim == 2
+            and X.dtype in _FLOAT_DTYPES
+            and X.flags.c_contiguous
+            and X.shape[0] > 0
+            and X.shape[1] == self.n_features_in_
+            and "feature_names_in_" not in self.__dict__
+            and bool(np.isfinite(X).all())
+        )
+
+    def _training_input(self, X, sample_weight, *, reset):
+        """Validated rows and weights (a NumPy array), or a checked Dask array
+        and the weights as given (their values are checked in the tasks)."""
+        if is_dask_array(X):
+            return self._checked_dask(X, reset=reset), sample_weight
+        return self._validate_batch(X, sample_weight, reset=reset)
+
+    def _make_source(self, X, sample_weight, *, rng=None, unit=None, columns=None):
+        """The data source of a training call: the stages of a fit when
+        ``rng`` is given, else one batch; ``unit`` defaults to the one the
+        data call for."""
+        params = dict(
+            n_jobs=self.n_jobs,
+            batch_size=self.batch_size,
+            n_codes=self.n_codes,
+            rng=rng,
+            unit=unit,
+            columns=columns,
+        )
+        if is_dask_array(X):
+            from . import _dask
+
+            return _dask.dask_source(X, sample_weight, **params)
+        return in_memory_source(X, sample_weight, **params)
+
+    def _validated_query(self, X):
+        check_is_fitted(self)
+        return validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+
+    def _checked_dask(self, X, *, reset):
+        """A Dask array checked for shape, dtype and width (values are checked
+        inside the tasks); records the width when ``reset``."""
+        from . import _dask
+
+        n_features = None if reset else self.n_features_in_
+        X = _dask.checked_array(X, n_features=n_features, name=type(self).__name__)
+        if reset:
+            self.n_features_in_ = X.shape[1]
+            self.__dict__.pop("feature_names_in_", None)
+        return X
+
+    # -------------------------------------------------------------- misc
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        if self.encode == "index":
+            tags.transformer_tags.preserves_dtype = []
+        else:
+            tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        return tags
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())  # may be the live __dict__
+        state.pop("_validated_params", None)  # a cache of parameter objects
+        if "_states" in state:
+            # Plain arrays and numbers: skops then trusts the estimator's
+            # class alone, and no search structure is persisted.  A loaded
+            # state gets a fresh version.
+            state["_states"] = [
+                {f.name: getattr(s, f.name) for f in fields(s) if f.name != "version"}
+                for s in state["_states"]
+            ]
+        return state
+
+    def __setstate__(self, state):
+        if "_states" in state:
+            state = dict(state)
+            state["_states"] = tuple(CodebookState(**s) for s in state["_states"])
+        super().__setstate__(state)

@@ -1,0 +1,576 @@
+"""Residual quantisation: beam search, and the training of chained code books.
+
+Encoding (:func:`beam_search`) keeps, from stage to stage, the ``beam_size``
+partial reconstructions of lowest squared error.  The best extensions of a
+path are among its ``beam_size`` nearest codes, so each stage asks the
+stage's search index for the exact ``k`` nearest codes of every kept path's
+residual (:meth:`~skvq._search.CodebookIndex.nearest_k`: a k-d tree or
+blocked products, as for one nearest code) and keeps the best ``beam_size``
+of those candidates: the cost grows with ``n_codes`` as the greedy search's
+does.  Residuals are float64, and so are the exact checks.
+
+Training (:class:`ResidualTraining`) is written once for ``fit``, the first
+``partial_fit`` and Dask: it sends requests (defined here) to a data source,
+like the single code book's schedules.
+
+- The greedy stage loop: stage ``s`` is trained on what the stages before
+  it leave of each row (the residual of its best path, kept per block of
+  rows with the paths themselves), by a stage trainer: the single code
+  book's ``fit`` schedule, or (first ``partial_fit``) an initialisation.
+- Joint refinement (``fit``): for the current codes, all code books are
+  solved at once by least squares; the normal equations are sums over rows,
+  so each block adds its part.  Beyond ``JOINT_SOLVE_MAX`` codes in all, a
+  Lloyd step per stage in turn.  A pass is kept only if the rows, encoded
+  again, have a lower error.
+- A stream step: one joint (beam) encoding of the batch, then an EMA step
+  of every stage towards what the other stages leave of its rows.
+"""
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from scipy import linalg, sparse
+
+from ._kernels import COUNT_FLOOR, assignment_statistics
+from ._relocation import MIN_SPLIT_ROWS, cell_members, merge_members
+from ._schedule import (
+    FitSchedule,
+    full_update,
+    initial_state,
+    split_candidates,
+    stream_update,
+)
+from ._sources import Request, StepResult
+
+# Passes of joint refinement after the greedy training, at most; they stop
+# earlier when the error drops by less than this fraction.
+REFINE_PASSES = 20
+REFINE_RTOL = 1e-3
+# Joint least-squares refinement up to this many codes in all (a dense
+# system of this size); beyond, a Lloyd step per stage.
+JOINT_SOLVE_MAX = 4096
+# Scores of one block of beam extensions (rows x paths x codes).
+_BEAM_BLOCK_ELEMENTS = 2**21
+
+
+# ------------------------------------------------------------ beam search
+def beam_search(X, indexes, beam_size, n_jobs=None):
+    """Codes of ``X`` for a chain of residual code books.
+
+    Stage ``s`` quantises what the stages before it left.  With
+    ``beam_size=1`` each stage takes the exact nearest code of the residual
+    (greedy); otherwise the ``beam_size`` partial reconstructions of lowest
+    squared error are kept for every row from stage to stage, and the best
+    complete one wins.  ``indexes`` holds each stage's
+    :class:`~skvq._search.CodebookIndex`.
+
+    Returns
+    -------
+    codes : ndarray of shape (n_samples, n_stages), dtype=intp
+    sq_err : ndarray of shape (n_samples,), float64
+        Squared norm of what the codes leave of each row.
+    """
+    paths, sq_err = None, None
+    for s, index in enumerate(indexes):
+        paths, sq_err = extend_beams(X, paths, indexes[:s], index, beam_size, n_jobs)
+    return paths[:, 0], sq_err[:, 0]
+
+
+def residuals(X, paths, indexes):
+    """What each path leaves of its row: ``X - sum of its code vectors``
+    (float64, shape ``(n_rows, n_paths, n_features)``)."""
+    residual = np.repeat(X.astype(np.float64)[:, None, :], paths.shape[1], axis=1)
+    for t, index in enumerate(indexes):
+        residual -= _vectors(index)[paths[:, :, t]]
+    return residual
+
+
+def _vectors(index):
+    return index.codebook.astype(np.float64, copy=False)
+
+
+def extend_beams(X, paths, indexes, index, beam_size, n_jobs=None):
+    """Extend each row's kept paths by one more stage.
+
+    ``paths`` of shape ``(n_samples, n_paths, n_stages)`` holds each row's
+    kept encodings by the stages of ``indexes`` (None before the first
+    stage); every path is extended by its ``beam_size`` nearest codes of
+    ``index`` and the ``beam_size`` extensions of lowest squared error are
+    kept, best first, ties to the lowest (path, code).
+
+    Returns
+    -------
+    paths : ndarray of shape (n_samples, n_kept, n_stages + 1)
+    sq_err : ndarray of shape (n_samples, n_kept)
+        Squared norm of what each path leaves of its row.
+    """
+    n_rows = X.shape[0]
+    if paths is None:
+        paths = np.zeros((n_rows, 1, 0), dtype=np.intp)
+    n_paths = paths.shape[1]
+    k = min(beam_size, index.codes64.shape[0])
+    keep = min(beam_size, n_paths * k)
+    block = max(1, _BEAM_BLOCK_ELEMENTS // (n_paths * max(1, X.shape[1])))
+    new_paths = np.empty((n_rows, keep, paths.shape[2] + 1), dtype=np.intp)
+    sq_err = np.empty((n_rows, keep))
+    for start in range(0, n_rows, block):
+        rows = slice(start, start + block)
+        residual = residuals(X[rows], paths[rows], indexes)
+        n_block = residual.shape[0]
+        flat = residual.reshape(n_block * n_paths, -1)
+        if k == 1:
+            codes, sq = index.nearest(flat, n_jobs=n_jobs, return_sq_dist=True)
+            codes, sq = codes[:, None], sq[:, None]
+        else:
+            codes, sq = index.nearest_k(flat, k, n_jobs=n_jobs)
+        # Candidates of a row, path by path, each path's nearest first: a
+        # stable sort keeps the lowest (path, code) among equal errors.
+        sq = sq.reshape(n_block, n_paths * k)
+        codes = codes.reshape(n_block, n_paths * k)
+        top = np.argsort(sq, axis=1, kind="stable")[:, :keep]
+        arange = np.arange(n_block)[:, None]
+        parent = top // k
+        new_paths[rows] = np.concatenate(
+            [paths[rows][arange, parent], codes[arange, top][:, :, None]], axis=2
+        )
+        sq_err[rows] = sq[arange, top]
+    return new_paths, sq_err
+
+
+def decode(indexes, codes, dtype=np.float64):
+    """The sum of one code vector per stage (float64, cast to ``dtype``)."""
+    total = _vectors(indexes[0])[codes[:, 0]].copy()
+    for s in range(1, codes.shape[1]):
+        total += _vectors(indexes[s])[codes[:, s]]
+    return total.astype(dtype, copy=False)
+
+
+# ---------------------------------------------------------- least squares
+def normal_equations(X, sample_weight, codes, n_codes):
+    """``B^T W B`` and ``B^T W X`` for the one-hot code matrix ``B`` of
+    ``codes`` (all code books side by side): sums over rows, so the parts of
+    the rows add up."""
+    n_samples, n_codebooks = codes.shape
+    columns = codes + n_codes * np.arange(n_codebooks)
+    onehot = sparse.csr_matrix(
+        (
+            np.repeat(sample_weight, n_codebooks),
+            columns.ravel(),
+            np.arange(0, n_samples * n_codebooks + 1, n_codebooks),
+        ),
+        shape=(n_samples, n_codebooks * n_codes),
+    )
+    indicator = onehot.copy()
+    indicator.data[:] = 1.0
+    gram = (indicator.T @ onehot).toarray()
+    rhs = np.asarray(onehot.T @ X.astype(np.float64, copy=False))
+    return gram, rhs
+
+
+def solve_codebooks(gram, rhs, codebooks, ridge=1e-6):
+    """Code books that best reconstruct the rows from fixed codes, jointly.
+
+    The code books ``C`` minimising ``sum w_i ||x_i - (B C)_i||^2`` solve the
+    normal equations ``B^T W B C = B^T W X``.  A ridge of ``ridge`` times the
+    mean count pulls every code towards its current vector: it settles the
+    directions the data leave free (a shift of one code book undone by
+    another) and keeps unused codes in place.
+
+    Returns
+    -------
+    codebooks : list of ndarray of shape (n_codes, n_features), float64
+    """
+    gram = gram.copy()
+    current = np.vstack(codebooks).astype(np.float64)
+    strength = ridge * max(float(np.trace(gram)) / gram.shape[0], 1e-300)
+    gram[np.diag_indices_from(gram)] += strength
+    rhs = rhs + strength * current
+    solved = linalg.solve(gram, rhs, assume_a="pos")
+    return np.split(solved, len(codebooks))
+
+
+def least_squares_codebooks(X, sample_weight, codes, codebooks, ridge=1e-6):
+    """:func:`solve_codebooks` of the normal equations of ``X`` and ``codes``."""
+    gram, rhs = normal_equations(X, sample_weight, codes, codebooks[0].shape[0])
+    return solve_codebooks(gram, rhs, codebooks, ridge)
+
+
+# ---------------------------------------------------------------- requests
+@dataclass(frozen=True)
+class _StagesRequest(Request):
+    """A request about the states of several stages (known by version)."""
+
+    versions: tuple = ()
+    states: tuple = field(default=(), compare=False, repr=False)
+    beam_size: int = 1
+
+    def indexes(self):
+        return {s.version: s.index for s in self.states}
+
+    def detached(self):
+        return replace(self, states=())
+
+    def stage_indexes(self, indexes):
+        return [indexes[v] for v in self.versions]
+
+
+@dataclass
+class _Paths:
+    """What a block keeps of the greedy stage loop: each row's kept paths
+    and the indexes of the stages so far."""
+
+    rows: int
+    paths: np.ndarray | None = None
+    indexes: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AdvanceStages(_StagesRequest):
+    """Extend the blocks' paths by the last of ``states`` (if any) and make
+    the residual of each row's best path the rows of stage ``key``."""
+
+    def on_block(self, block, rows, indexes, n_jobs):
+        memory = block.extras.get("paths")
+        if memory is None or memory.rows != rows or not self.versions:
+            memory = block.extras["paths"] = _Paths(rows)
+        X = block.X[:rows]
+        if not self.versions:
+            block.set_view(self.key, X)
+            return None
+        index = indexes[self.versions[-1]]
+        memory.paths, _ = extend_beams(
+            X, memory.paths, memory.indexes, index, self.beam_size, n_jobs
+        )
+        memory.indexes.append(index)
+        target = X - decode(memory.indexes, memory.paths[:, 0])
+        block.set_view(self.key, target.astype(X.dtype))
+        return None
+
+    def merge(self, parts):
+        return None
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """The error of encoding the rows, each code's weight and error (fit
+    units: per ``batch_rows``), and the normal equations of the codes."""
+
+    error: float  # sum of w_i times squared error
+    weight: float
+    counts: np.ndarray  # (n_stages, n_codes)
+    distortions: np.ndarray  # (n_stages, n_codes)
+    gram: np.ndarray | None = None
+    rhs: np.ndarray | None = None
+
+    @property
+    def mean_error(self):
+        return self.error / self.weight
+
+    def __add__(self, other):
+        return Encoding(
+            self.error + other.error,
+            self.weight + other.weight,
+            self.counts + other.counts,
+            self.distortions + other.distortions,
+            None if self.gram is None else self.gram + other.gram,
+            None if self.rhs is None else self.rhs + other.rhs,
+        )
+
+
+@dataclass(frozen=True)
+class Encode(_StagesRequest):
+    """Encode the rows with ``states`` (the blocks keep the codes); with
+    ``normal_equations``, also the normal equations of those codes."""
+
+    n_codes: int = 0
+    normal_equations: bool = False
+
+    def on_block(self, block, rows, indexes, n_jobs):
+        X, weights = block.X[:rows], block.weights[:rows]
+        stage_indexes = self.stage_indexes(indexes)
+        codes, sq_err = beam_search(X, stage_indexes, self.beam_size, n_jobs)
+        block.extras["codes"] = codes
+        n_stages = codes.shape[1]
+        counts = np.stack(
+            [np.bincount(codes[:, s], weights, self.n_codes) for s in range(n_stages)]
+        )
+        lost = weights * sq_err
+        distortions = np.stack(
+            [np.bincount(codes[:, s], lost, self.n_codes) for s in range(n_stages)]
+        )
+        gram = rhs = None
+        if self.normal_equations:
+            gram, rhs = normal_equations(X, weights, codes, self.n_codes)
+        return Encoding(
+            float(lost.sum()), float(weights.sum()), counts, distortions, gram, rhs
+        )
+
+    def merge(self, parts):
+        total = parts[0]
+        for part in parts[1:]:
+            total = total + part
+        return total
+
+
+@dataclass(frozen=True)
+class StageStatistics(_StagesRequest):
+    """The statistics of stage ``key`` towards what the other stages (at
+    ``states``) leave of each row, for the codes of the last encoding."""
+
+    n_codes: int = 0
+
+    def on_block(self, block, rows, indexes, n_jobs):
+        codes = block.extras["codes"]
+        stage_indexes = self.stage_indexes(indexes)
+        decoded = decode(stage_indexes, codes)
+        return stage_targets(
+            block,
+            rows,
+            self.key,
+            stage_indexes,
+            codes,
+            decoded,
+            self.versions,
+            self.n_codes,
+        ).stats
+
+    def merge(self, parts):
+        total = parts[0]
+        for part in parts[1:]:
+            total = total + part
+        return total
+
+
+def stage_targets(block, rows, s, indexes, codes, decoded, versions, n_codes, cells=()):
+    """What stage ``s`` should reproduce of each row: the row less the other
+    stages' code vectors (``decoded`` less its own).
+
+    The targets become the stage's rows in the block, remembered with their
+    codes and squared distances (for re-seeding).  Returns their statistics
+    and the rows of ``cells``.
+    """
+    X, weights = block.X[:rows], block.weights[:rows]
+    own = _vectors(indexes[s])[codes[:, s]]
+    target = X.astype(np.float64) - decoded + own
+    diff = target - own
+    sq_dist = np.einsum("ij,ij->i", diff, diff)
+    target = target.astype(X.dtype)
+    block.set_view(s, target)
+    memory = block.memory(s, rows)
+    memory.version, memory.labels, memory.sq_dist = versions[s], codes[:, s], sq_dist
+    stats = assignment_statistics(target, codes[:, s], sq_dist, weights, n_codes)
+    members = None
+    if cells:
+        min_rows = MIN_SPLIT_ROWS if block.holds_all else 1
+        members = cell_members(target, weights, codes[:, s], cells, min_rows)
+    return StepResult(stats, members)
+
+
+@dataclass(frozen=True)
+class JointStatistics(_StagesRequest):
+    """A stream's step of every stage from one joint encoding of the rows:
+    the statistics of each stage's targets and the rows of its ``cells``."""
+
+    n_codes: int = 0
+    cells: tuple = ()  # one tuple of cells per stage
+
+    def on_block(self, block, rows, indexes, n_jobs):
+        stage_indexes = self.stage_indexes(indexes)
+        codes, _ = beam_search(block.X[:rows], stage_indexes, self.beam_size, n_jobs)
+        decoded = decode(stage_indexes, codes)
+        return [
+            stage_targets(
+                block,
+                rows,
+                s,
+                stage_indexes,
+                codes,
+                decoded,
+                self.versions,
+                self.n_codes,
+                self.cells[s],
+            )
+            for s in range(len(stage_indexes))
+        ]
+
+    def merge(self, parts):
+        merged = []
+        for s in range(len(self.versions)):
+            stats = parts[0][s].stats
+            for part in parts[1:]:
+                stats = stats + part[s].stats
+            members = None
+            if self.cells[s]:
+                members = merge_members([part[s].members for part in parts])
+            merged.append(StepResult(stats, members))
+        return merged
+
+
+# ---------------------------------------------------------------- training
+@dataclass(frozen=True)
+class ResidualOutcome:
+    """Trained stage states, full steps of their fits, refinement passes."""
+
+    states: tuple
+    n_iter: int = 0
+    n_refinements: int = 0
+
+
+class ResidualTraining:
+    """The greedy stage loop and the refinement, on one data source.
+
+    ``rngs`` holds one random generator per stage (its fit's draws).
+    """
+
+    def __init__(self, config, source, beam_size, rngs):
+        self.config = config
+        self.source = source
+        self.beam_size = beam_size
+        self.rngs = rngs
+
+    def fit(self):
+        """``fit``: greedy stages, each a full fit, then joint refinement
+        (a generator returning a :class:`ResidualOutcome`)."""
+        n_iter = 0
+        states = []
+        for s, rng in enumerate(self.rngs):
+            yield self._advance(states, s)
+            outcome = yield from FitSchedule(self.config, self.source, rng, key=s).run()
+            n_iter += outcome.n_iter
+            states.append(outcome.state)
+        states, n_refinements = yield from self.refine(tuple(states))
+        return ResidualOutcome(states, n_iter, n_refinements)
+
+    def start(self):
+        """The first ``partial_fit``: every stage initialised from the
+        residuals of the batch, then one joint step (a generator returning
+        the states)."""
+        states = []
+        for s, rng in enumerate(self.rngs):
+            yield self._advance(states, s)
+            state = yield from initial_state(
+                self.config, self.source, s, None, self.config.init_rows, rng
+            )
+            states.append(state)
+        return (yield from joint_step(self.config, tuple(states), self.beam_size))
+
+    def _advance(self, states, key):
+        return AdvanceStages(
+            key,
+            None,
+            tuple(s.version for s in states[-1:]),
+            tuple(states[-1:]),
+            self.beam_size,
+        )
+
+    def refine(self, states):
+        """Joint passes after the greedy training: re-solve, re-encode,
+        repeat (a generator returning the states and the passes kept).
+
+        Each pass re-solves every code book at once for the current codes
+        (least squares from the normal equations of the last encoding; a
+        Lloyd step per stage in turn when the system would be too large),
+        then encodes the rows again.  A pass that does not lower the error
+        by ``REFINE_RTOL`` ends the refinement (and is undone if it raised
+        the error).
+        """
+        config = self.config
+        n_codes = config.n_codes
+        joint = len(states) * n_codes <= JOINT_SOLVE_MAX
+        encoding = yield self._encode(states, joint)
+        best = encoding.mean_error
+        n_refinements = 0
+        for _ in range(REFINE_PASSES):
+            saved = states
+            if joint:
+                states = self._solved(states, encoding)
+            else:
+                states = yield from self._stage_steps(states)
+            new = yield self._encode(states, joint)
+            error = new.mean_error
+            if config.verbose:
+                unit2 = states[0].unit * states[0].unit
+                print(f"Refinement {n_refinements + 1}: error {error * unit2:.6g}")
+            if not error < best * (1.0 - REFINE_RTOL):
+                if error > best:
+                    states = saved
+                else:
+                    states = self._with_usage(states, new)
+                break
+            best, encoding = error, new
+            states = self._with_usage(states, new)
+            n_refinements += 1
+        return states, n_refinements
+
+    def _encode(self, states, joint):
+        return Encode(
+            0,
+            None,
+            tuple(s.version for s in states),
+            tuple(states),
+            self.beam_size,
+            self.config.n_codes,
+            joint,
+        )
+
+    def _solved(self, states, encoding):
+        """Every stage's vectors solved jointly; unused codes keep theirs."""
+        solved = solve_codebooks(encoding.gram, encoding.rhs, [s.codes for s in states])
+        new = []
+        for state, vectors, counts in zip(states, solved, encoding.counts, strict=True):
+            codes = state.codes.copy()
+            used = counts > 0
+            codes[used] = vectors[used]
+            new.append(state.with_codes(codes))
+        return tuple(new)
+
+    def _with_usage(self, states, encoding):
+        """Counts and distortions of an encoding (per ``batch_rows``)."""
+        scale = self.source.plan.batch_rows / self.source.plan.n_rows
+        return tuple(
+            state.installed(
+                state.codes,
+                np.maximum(scale * counts, COUNT_FLOOR),
+                scale * distortions,
+            )
+            for state, counts, distortions in zip(
+                states, encoding.counts, encoding.distortions, strict=True
+            )
+        )
+
+    def _stage_steps(self, states):
+        """A Lloyd step per stage in turn, each towards what the others
+        (at their latest vectors) leave of the rows (a generator)."""
+        states = list(states)
+        scale = self.source.plan.batch_rows / self.source.plan.n_rows
+        for s in range(len(states)):
+            stats = yield StageStatistics(
+                s,
+                None,
+                tuple(t.version for t in states),
+                tuple(states),
+                self.beam_size,
+                self.config.n_codes,
+            )
+            states[s] = yield from full_update(
+                self.config, states[s], stats, s, None, scale
+            )
+        return tuple(states)
+
+
+def joint_step(config, states, beam_size):
+    """A stream's step: one joint encoding of the batch, then an EMA step and
+    the upkeep of every stage (a generator returning the new states)."""
+    results = yield JointStatistics(
+        0,
+        None,
+        tuple(s.version for s in states),
+        tuple(states),
+        beam_size,
+        config.n_codes,
+        tuple(split_candidates(s, config) for s in states),
+    )
+    new = []
+    for s, (state, result) in enumerate(zip(states, results, strict=True)):
+        new.append((yield from stream_update(config, state, result, key=s)))
+    return tuple(new)

@@ -1,0 +1,399 @@
+"""Data sources: where the rows of a training run live, and what they compute.
+
+The training schedules (:mod:`skvq._schedule`, :mod:`skvq._residual`) never
+touch rows.  They send *requests* (the statistics of a step, the rows of some
+cells, a canonical sample) to a *source*, which serves a batch of requests
+in one pass over its rows and answers each with one merged result:
+
+- :class:`InMemorySource` holds the rows as one :class:`RowBlock` in this
+  process (NumPy input); the kernels inside use threads;
+- :class:`skvq._dask.DaskSource` holds one :class:`RowBlock` per chunk,
+  persisted on the workers (Dask input); each request runs on every block
+  concerned, and the parts are tree-reduced.
+
+A request knows how to run on one block (:meth:`Request.on_block`) and how to
+merge the parts of several (:meth:`Request.merge`); its parts add up exactly
+(statistics) or merge canonically (samples of rows), so both sources give the
+same answers, to the rounding of the sums.  Per-row memory that a request
+leaves (labels, squared distances, distance bounds) stays with the block,
+tagged with the code book version that produced it.
+
+A source also fixes the *stage plan* of ``fit``: growing prefixes of its
+rows (NumPy: of rows in a random order; Dask: of chunks in a random order).
+"""
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from ._kernels import BatchStatistics, LloydBounds, Moments, batch_statistics
+from ._relocation import MIN_SPLIT_ROWS, cell_members, merge_members
+from ._rows import canonical_sample, merge_samples
+from ._state import unit_for
+
+# fit keeps distance bounds on stages of at least this many row-code pairs:
+# below, their bookkeeping costs more than it saves.
+BOUNDS_MIN_SCORES = 2**18
+# fit's first stage holds this many batches (or 3 * n_codes rows).
+FIRST_STAGE_BATCHES = 32
+
+
+def stage_sizes(n_rows, batch_size, n_codes):
+    """Rows of each stage of ``fit``: doubling prefixes, the last all rows."""
+    if batch_size >= n_rows:
+        return [n_rows]
+    first = max(3 * n_codes, FIRST_STAGE_BATCHES * batch_size)
+    sizes = [min(first, n_rows)]
+    while sizes[-1] < n_rows:
+        sizes.append(min(2 * sizes[-1], n_rows))
+    return sizes
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Rows of each stage of a source (one stage for a stream's batch)."""
+
+    rows: tuple  # rows of each stage, growing; the last is all rows
+    batch_rows: int  # rows of a stream's batch: the unit of fit's counts
+
+    @property
+    def n_rows(self):
+        return self.rows[-1]
+
+    def scale(self, stage):
+        """The factor that expresses a full step's statistics per batch."""
+        return self.batch_rows / self.rows[stage]
+
+
+# ------------------------------------------------------------------ blocks
+@dataclass
+class RowMemory:
+    """What the last requests left for the rows of one key of a block."""
+
+    rows: int  # the prefix of the block's rows this memory covers
+    bounds: LloydBounds | None = None
+    version: int | None = None  # code book version of labels and sq_dist
+    labels: np.ndarray | None = None
+    sq_dist: np.ndarray | None = None
+
+
+class RowBlock:
+    """A block of rows (in internal units), their weights, and their memory.
+
+    ``columns`` maps a key to the features it sees (``(start, stop)``); a
+    key without an entry sees every feature, unless a view was set for it
+    (the residual targets of a stage).
+    """
+
+    def __init__(self, X, weights, columns=None, *, holds_all=False):
+        self.X = X
+        self.weights = weights
+        self.columns = columns or {}
+        # Whether this block holds every row of its source: per-cell filters
+        # on row counts are then exact.
+        self.holds_all = holds_all
+        self.extras = {}  # what a trainer keeps per block (residual paths)
+        self._views = {}
+        self._memory = {}
+
+    @property
+    def n_rows(self):
+        return self.X.shape[0]
+
+    def view(self, key):
+        """The rows that ``key`` trains on."""
+        found = self._views.get(key)
+        if found is not None:
+            return found
+        start, stop = self.columns.get(key, (0, self.X.shape[1]))
+        if (start, stop) == (0, self.X.shape[1]):
+            return self.X
+        found = self._views[key] = np.ascontiguousarray(self.X[:, start:stop])
+        return found
+
+    def set_view(self, key, values):
+        """Make ``key`` train on ``values`` (one row per row of the block)."""
+        self._views[key] = values
+        self._memory.pop(key, None)
+
+    def memory(self, key, rows):
+        """The memory of ``key`` for the first ``rows`` rows (fresh when the
+        prefix changed)."""
+        memory = self._memory.get(key)
+        if memory is None or memory.rows != rows:
+            memory = self._memory[key] = RowMemory(rows)
+        return memory
+
+    def assignment(self, key, rows, index, version, n_jobs):
+        """Labels and squared distances of the first ``rows`` rows of ``key``
+        under code book ``version``: remembered, or searched now."""
+        memory = self.memory(key, rows)
+        if memory.version != version or memory.sq_dist is None:
+            X = self.view(key)[:rows]
+            labels, sq_dist = index.nearest(X, n_jobs=n_jobs, return_sq_dist=True)
+            memory.version, memory.labels, memory.sq_dist = version, labels, sq_dist
+        return memory.labels, memory.sq_dist
+
+
+# ---------------------------------------------------------------- requests
+@dataclass(frozen=True)
+class Request:
+    """Something a schedule asks of every row of a stage of a source.
+
+    ``key`` names the code book (and so the view of the rows), ``stage`` the
+    stage of the source's plan (None: all rows).  ``state`` stays with the
+    schedule: blocks get :meth:`detached` copies and the search indexes of
+    :meth:`indexes`.
+    """
+
+    key: int
+    stage: int | None
+
+    def indexes(self):
+        """``version -> CodebookIndex`` that the blocks need."""
+        return {}
+
+    def detached(self):
+        """The request as it travels to the blocks."""
+        return self
+
+    def on_block(self, block, rows, indexes, n_jobs):
+        """The part of the result from the first ``rows`` rows of ``block``."""
+        raise NotImplementedError
+
+    def merge(self, parts):
+        """The result from the parts of all the blocks concerned."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class _StateRequest(Request):
+    """A request about one code book state (known to the blocks by version)."""
+
+    version: int = 0
+    state: object = field(default=None, compare=False, repr=False)
+
+    def indexes(self):
+        return {self.version: self.state.index}
+
+    def detached(self):
+        return replace(self, state=None)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """The statistics of a step, and the rows of the cells it was asked for."""
+
+    stats: BatchStatistics
+    members: dict | None = None
+
+
+@dataclass(frozen=True)
+class Statistics(_StateRequest):
+    """The statistics of one EMA step of ``state`` (its index assigns).
+
+    ``bounds`` keeps distance bounds on the rows between the steps of a
+    stage; ``cells`` asks for the rows of those cells too (a stream's
+    relocation candidates).
+    """
+
+    n_codes: int = 0
+    bounds: bool = False
+    cells: tuple = ()
+
+    @classmethod
+    def of(cls, state, key, stage, *, bounds=False, cells=()):
+        return cls(
+            key, stage, state.version, state, state.n_codes, bounds, tuple(cells)
+        )
+
+    def on_block(self, block, rows, indexes, n_jobs):
+        X, weights = block.view(self.key)[:rows], block.weights[:rows]
+        memory = block.memory(self.key, rows)
+        bounds = None
+        if self.bounds:
+            if memory.bounds is None:
+                memory.bounds = LloydBounds(X.shape[1], X.dtype)
+            bounds = memory.bounds
+        stats, labels, sq_dist = batch_statistics(
+            indexes[self.version], X, weights, self.n_codes, n_jobs, bounds
+        )
+        memory.version, memory.labels, memory.sq_dist = self.version, labels, sq_dist
+        members = None
+        if self.cells:
+            # Cells of fewer rows than a split needs are dropped after the
+            # merge; a block that holds all the rows can skip them now.
+            min_rows = MIN_SPLIT_ROWS if block.holds_all else 1
+            members = cell_members(X, weights, labels, self.cells, min_rows)
+        return StepResult(stats, members)
+
+    def merge(self, parts):
+        stats = parts[0].stats
+        for part in parts[1:]:
+            stats = stats + part.stats
+        members = None
+        if self.cells:
+            members = merge_members([p.members for p in parts])
+        return StepResult(stats, members)
+
+
+@dataclass(frozen=True)
+class CellRows(_StateRequest):
+    """The distinct rows (at most ``MAX_SPLIT_ROWS`` each) of ``cells``,
+    assigned by ``state``'s index."""
+
+    cells: tuple = ()
+
+    @classmethod
+    def of(cls, state, key, stage, cells):
+        return cls(key, stage, state.version, state, tuple(int(c) for c in cells))
+
+    def on_block(self, block, rows, indexes, n_jobs):
+        labels, _ = block.assignment(
+            self.key, rows, indexes[self.version], self.version, n_jobs
+        )
+        X, weights = block.view(self.key)[:rows], block.weights[:rows]
+        return cell_members(X, weights, labels, self.cells)
+
+    def merge(self, parts):
+        return merge_members(parts)
+
+
+@dataclass(frozen=True)
+class ReseedPool(_StateRequest):
+    """A canonical sample of at most ``max_rows`` distinct rows, with their
+    squared distances to ``state``'s code book (those of the step that
+    ``state`` made, when the blocks remember it)."""
+
+    max_rows: int = 0
+
+    @classmethod
+    def of(cls, state, key, stage, max_rows):
+        return cls(key, stage, state.version, state, max_rows)
+
+    def on_block(self, block, rows, indexes, n_jobs):
+        _, sq_dist = block.assignment(
+            self.key, rows, indexes[self.version], self.version, n_jobs
+        )
+        X, weights = block.view(self.key)[:rows], block.weights[:rows]
+        return canonical_sample(X, weights, sq_dist, self.max_rows)
+
+    def merge(self, parts):
+        return merge_samples(parts, self.max_rows)
+
+
+@dataclass(frozen=True)
+class InitSample(Request):
+    """A canonical sample of at most ``max_rows`` distinct rows."""
+
+    max_rows: int | None = None
+
+    def on_block(self, block, rows, indexes, n_jobs):
+        X, weights = block.view(self.key)[:rows], block.weights[:rows]
+        return canonical_sample(X, weights, max_rows=self.max_rows)
+
+    def merge(self, parts):
+        return merge_samples(parts, self.max_rows)
+
+
+@dataclass(frozen=True)
+class Variance(Request):
+    """The weighted feature moments of the rows (for ``tol``)."""
+
+    def on_block(self, block, rows, indexes, n_jobs):
+        return Moments.of(block.view(self.key)[:rows], block.weights[:rows])
+
+    def merge(self, parts):
+        total = parts[0]
+        for part in parts[1:]:
+            total = total + part
+        return total
+
+
+# ----------------------------------------------------------------- sources
+class InMemorySource:
+    """The rows of a NumPy training run, as one block in this process.
+
+    Build it with :func:`in_memory_source`.
+    """
+
+    def __init__(self, block, plan, unit, n_jobs):
+        self.block = block
+        self.plan = plan
+        self.unit = unit
+        self.n_jobs = n_jobs
+        self.dtype = block.X.dtype
+        self.n_features = block.X.shape[1]
+
+    def serve(self, requests):
+        """The result of each request, in order."""
+        results = []
+        for request in requests:
+            rows = self.rows(request.stage)
+            part = request.on_block(self.block, rows, request.indexes(), self.n_jobs)
+            results.append(request.merge([part]))
+        return results
+
+    def rows(self, stage):
+        return self.plan.n_rows if stage is None else self.plan.rows[stage]
+
+
+def max_abs(X):
+    """The largest magnitude in ``X`` (without a temporary copy)."""
+    if X.size == 0:
+        return 0.0
+    return float(max(X.max(), -X.min()))
+
+
+def in_memory_source(
+    X,
+    sample_weight,
+    *,
+    n_jobs,
+    batch_size,
+    n_codes=None,
+    rng=None,
+    unit=None,
+    columns=None,
+):
+    """An :class:`InMemorySource` over validated ``X``.
+
+    With ``rng`` (a ``fit``), the stages are doubling prefixes of the rows in
+    a random order (the rows are copied in that order); otherwise one stage
+    holds the rows as they are (a stream's batch).  ``unit`` defaults to
+    the one that the magnitude of ``X`` calls for; data are divided by it
+    (a copy, only when it is not 1).
+    """
+    n_rows = X.shape[0]
+    sizes = [n_rows]
+    if rng is not None:
+        sizes = stage_sizes(n_rows, batch_size, n_codes)
+        if len(sizes) > 1:  # nested prefixes of one shuffled copy
+            order = rng.permutation(n_rows)
+            X, sample_weight = X[order], sample_weight[order]
+    if unit is None:
+        unit = unit_for(max_abs(X)) if X.dtype == np.float64 else 1.0
+    X = to_internal(X, unit)
+    plan = StagePlan(tuple(sizes), min(batch_size, n_rows))
+    block = RowBlock(X, sample_weight, columns, holds_all=True)
+    return InMemorySource(block, plan, unit, n_jobs)
+
+
+def to_internal(X, unit):
+    """``X`` in internal units (a copy only when ``unit`` is not 1).
+
+    Raises a ValueError when rows of a later batch do not fit the unit that
+    the first data chose (a stream that grew by hundreds of orders of
+    magnitude).
+    """
+    if unit == 1.0:
+        return X
+    with np.errstate(over="ignore", under="ignore"):
+        scaled = X * X.dtype.type(1.0 / unit)
+    if not np.isfinite(scaled).all():
+        raise ValueError(
+            f"X holds values (largest magnitude {max_abs(X):.3g}) beyond what this "
+            f"model's internal unit ({unit:.3g}, chosen from the first data) can "
+            "represent; fit the model again on data of this magnitude."
+        )
+    return scaled
