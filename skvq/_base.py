@@ -17,15 +17,12 @@ from scipy import sparse
 from sklearn import get_config
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import (
-    _check_sample_weight,
-    check_is_fitted,
-    validate_data,
-)
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._kernels import weighted_mean
 from ._sources import in_memory_source
 from ._state import CodebookState, TrainingConfig
+from ._validation import checked_weights, quiet_validation
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -39,16 +36,6 @@ def is_dask_array(X):
     return cls.__name__ == "Array" and cls.__module__.startswith("dask.array")
 
 
-def checked_weights(sample_weight, X):
-    """Non-negative float64 weights with a positive sum (on every sklearn >= 1.6)."""
-    sample_weight = _check_sample_weight(
-        sample_weight, X, dtype=np.float64, ensure_non_negative=True
-    )
-    if not np.any(sample_weight):
-        raise ValueError("Sample weights must contain at least one non-zero number.")
-    return sample_weight
-
-
 def mean_sq_error(sq_errors, sample_weight):
     """The weighted mean of squared errors, or an OverflowError naming the
     problem when it exceeds float64's range."""
@@ -59,19 +46,6 @@ def mean_sq_error(sq_errors, sample_weight):
             "float64's range; rescale X (or compare the models on rescaled data)."
         )
     return mean
-
-
-def checked_code_values(codes, n_codes):
-    """Integer codes in ``[0, n_codes)`` as intp, or a ValueError naming the
-    problem (codes already checked for shape and finiteness)."""
-    if codes.dtype.kind == "f" and not np.array_equal(codes, np.round(codes)):
-        raise ValueError("Codes must be integers; got non-integer values.")
-    if codes.size and (codes.min() < 0 or codes.max() >= n_codes):
-        raise ValueError(
-            f"Codes must lie in [0, n_codes={n_codes}); got values from "
-            f"{codes.min()} to {codes.max()}."
-        )
-    return codes.astype(np.intp)
 
 
 def onehot(codes, n_codes, dtype):
@@ -166,9 +140,10 @@ class QuantizerBase(TransformerMixin, BaseEstimator):
             if sample_weight is None:
                 return X, np.ones(X.shape[0])
             return X, checked_weights(sample_weight, X)
-        X = validate_data(
-            self, X, dtype=[np.float64, np.float32], order="C", reset=reset
-        )
+        with quiet_validation():
+            X = validate_data(
+                self, X, dtype=[np.float64, np.float32], order="C", reset=reset
+            )
         return X, checked_weights(sample_weight, X)
 
     def _is_clean_batch(self, X):
@@ -215,7 +190,8 @@ class QuantizerBase(TransformerMixin, BaseEstimator):
 
     def _validated_query(self, X):
         check_is_fitted(self)
-        return validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        with quiet_validation():
+            return validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
 
     def _checked_dask(self, X, *, reset):
         """A Dask array checked for shape, dtype and width (values are checked

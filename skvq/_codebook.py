@@ -11,14 +11,13 @@ from sklearn.utils.validation import _check_feature_names_in, check_is_fitted
 from ._base import (
     DEFAULT_DEAD_CODE_THRESHOLD,
     QuantizerBase,
-    checked_code_values,
-    checked_weights,
     is_dask_array,
     mean_sq_error,
     onehot,
 )
 from ._schedule import FitSchedule, run, start_stream, stream_step
 from ._threads import blas_held
+from ._validation import checked_code_values, checked_weights
 
 
 class VQCodebookTransformer(QuantizerBase):

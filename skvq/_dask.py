@@ -32,6 +32,7 @@ from sklearn.utils import check_array
 
 from ._sources import RowBlock, StagePlan, max_abs, stage_sizes, to_internal
 from ._state import unit_for
+from ._validation import quiet_validation
 
 # Fan-in of the tree merges of per-chunk results.
 FAN_IN = 8
@@ -82,7 +83,8 @@ def _weights(sample_weight, X):
 
 def _validated_chunk(block, weights):
     """Validate one chunk (inside its task) and give it weights."""
-    block = check_array(block, dtype=[np.float64, np.float32], input_name="X")
+    with quiet_validation():
+        block = check_array(block, dtype=[np.float64, np.float32], input_name="X")
     if weights is None:
         return block, np.ones(block.shape[0])
     weights = check_array(
@@ -172,7 +174,7 @@ def dask_source(
     if not summary.weight > 0:
         raise ValueError("Sample weights must contain at least one non-zero number.")
     if unit is None:
-        unit = unit_for(summary.max_abs) if X.dtype == np.float64 else 1.0
+        unit = unit_for(summary.max_abs, X.dtype)
     if unit != 1.0:
         blocks = list(dask.persist(*[dask.delayed(_rescaled)(b, unit) for b in blocks]))
     sizes = np.asarray(X.chunks[0])

@@ -20,17 +20,17 @@ from sklearn.utils.validation import _check_feature_names_in, check_is_fitted
 from ._base import (
     DEFAULT_DEAD_CODE_THRESHOLD,
     QuantizerBase,
-    checked_code_values,
-    checked_weights,
     is_dask_array,
     mean_sq_error,
     onehot,
 )
 from ._codebook import fitted_codebook
-from ._residual import ResidualTraining, beam_search, decode, joint_step
+from ._residual import ResidualTraining, beam_search, joint_step
 from ._rows import canonical_sample
 from ._schedule import FitSchedule, drive, run, start_stream, stream_step
+from ._sources import to_internal
 from ._threads import blas_held
+from ._validation import checked_code_values, checked_weights
 
 
 class _MultiCodebookQuantizer(QuantizerBase):
@@ -790,18 +790,33 @@ class ResidualVQTransformer(_MultiCodebookQuantizer):
                 )
         return self
 
-    def _indexes(self):
-        return [state.user_index for state in self._states]
+    def _coded(self, X):
+        """Beam search of validated ``X``: the codes and squared errors.
+
+        In the internal unit when it is not 1 (float64 data beyond
+        ``2**256``), where the squared errors that rank the paths cannot
+        overflow; the errors are returned in the data's units.
+        """
+        unit = self._states[0].unit
+        indexes = [state.published_index for state in self._states]
+        codes, sq_err = beam_search(
+            to_internal(X, unit), indexes, self.beam_size, self.n_jobs
+        )
+        if unit != 1.0:
+            with np.errstate(over="ignore"):
+                sq_err = sq_err * unit * unit
+        return codes, sq_err
 
     def _encode(self, X):
-        return beam_search(X, self._indexes(), self.beam_size, self.n_jobs)[0]
+        return self._coded(X)[0]
 
     def _sq_errors(self, X):
-        return beam_search(X, self._indexes(), self.beam_size, self.n_jobs)[1]
+        return self._coded(X)[1]
 
     def _decode(self, codes):
         """The sum of one code vector per stage."""
-        dtype = self._states[0].codes.dtype
-        if codes.shape[0] == 0:
-            return np.zeros((0, self.n_features_in_), dtype=dtype)
-        return decode(self._indexes(), codes, dtype)
+        codebooks = self.codebooks_
+        total = np.zeros((codes.shape[0], self.n_features_in_))
+        for s, codebook in enumerate(codebooks):
+            total += codebook[codes[:, s]]
+        return total.astype(codebooks[0].dtype, copy=False)

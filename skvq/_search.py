@@ -57,6 +57,9 @@ _EXACT_ELEMENTS = 2**21
 # 2**-40 the rounding margin (about 2**-20 of the spread squared) stays far
 # above its subnormal range; float64 has room for 2**400 both ways.
 _SAFE_EXPONENT = {np.dtype(np.float32): 40, np.dtype(np.float64): 400}
+# A float32 code book whose rescaling factor would exceed this (codes in
+# float32's subnormal range) is searched in float64 instead.
+_FLOAT32_MAX_SCALE = 2.0**126
 
 
 def power_of_two_scale(magnitude, safe_exponent):
@@ -69,7 +72,20 @@ def power_of_two_scale(magnitude, safe_exponent):
         return 1.0
     if 2.0**-safe_exponent <= magnitude <= 2.0**safe_exponent:
         return 1.0
-    return float(np.ldexp(1.0, -int(np.frexp(magnitude)[1])))
+    # Clipped to normal powers of two: subnormal magnitudes then land near
+    # 2**-50, well inside every window.
+    shift = min(max(-int(np.frexp(magnitude)[1]), -1022), 1022)
+    return float(np.ldexp(1.0, shift))
+
+
+def unscaled_sq(values, scale):
+    """Squared distances computed on data times ``scale``, in the data's own
+    units (two divisions: ``scale ** 2`` itself may leave float64's range)."""
+    if scale != 1.0:
+        with np.errstate(over="ignore", under="ignore"):
+            values /= scale
+            values /= scale
+    return values
 
 
 def _exact_scale(*arrays):
@@ -123,11 +139,7 @@ def _exact_sq(X, codes64, rows, cols):
         left *= scale
         right = right * scale
     diff = left - right
-    sq = np.einsum("ij,ij->i", diff, diff)
-    if scale != 1.0:
-        with np.errstate(over="ignore", under="ignore"):
-            sq /= scale * scale
-    return sq, scale
+    return unscaled_sq(np.einsum("ij,ij->i", diff, diff), scale), scale
 
 
 def _exact_nearest(X, codes64):
@@ -197,6 +209,8 @@ def _sq_dist_to(X, codes, labels, scale=1.0):
     still overflows the working dtype is computed again in float64.  The
     result is in the units of ``X``: infinite only when it exceeds float64.
     """
+    if codes.dtype != X.dtype:  # a float64-only index
+        X = X.astype(codes.dtype)
     diff = _scratch("difference", X.shape, X.dtype)
     np.take(codes, labels, axis=0, out=diff)
     with np.errstate(over="ignore", invalid="ignore"):
@@ -205,8 +219,7 @@ def _sq_dist_to(X, codes, labels, scale=1.0):
         else:
             np.subtract(X, diff, out=diff)
         sq = np.einsum("ij,ij->i", diff, diff).astype(np.float64, copy=False)
-    if scale != 1.0:
-        sq /= scale * scale
+    unscaled_sq(sq, scale)
     if X.dtype != np.float64 and not np.isfinite(sq).all():
         bad = np.flatnonzero(~np.isfinite(sq))
         if bad.size:
@@ -339,10 +352,16 @@ class CodebookIndex:
         spread = float(np.abs(self.codes64 - center).max(initial=0.0))
         if not spread > 0:
             spread = float(np.abs(center).max(initial=0.0))
-        self.scale = power_of_two_scale(spread, _SAFE_EXPONENT[codebook.dtype])
         self.tree_scale = power_of_two_scale(
             spread, _SAFE_EXPONENT[np.dtype(np.float64)]
         )
+        self.scale = power_of_two_scale(spread, _SAFE_EXPONENT[codebook.dtype])
+        # Whether searches and distances run in float64 whatever the dtypes.
+        self.float64_only = not (
+            1.0 / _FLOAT32_MAX_SCALE <= self.scale <= _FLOAT32_MAX_SCALE
+        )
+        if self.float64_only:
+            self.scale = self.tree_scale
         self._preps = {}
 
     def __getstate__(self):
@@ -356,7 +375,10 @@ class CodebookIndex:
         """float32 products when the data or the codes are float32: float64
         rows (residuals) are cast once, an error the margin covers, and the
         exact check still sees them in float64."""
-        if np.float32 in (np.dtype(dtype), self.codebook.dtype):
+        if not self.float64_only and np.float32 in (
+            np.dtype(dtype),
+            self.codebook.dtype,
+        ):
             return np.dtype(np.float32)
         return np.dtype(np.float64)
 
@@ -376,7 +398,10 @@ class CodebookIndex:
 
     @cached_property
     def scaled_codebook(self):
-        """The code book times ``scale``, in its own dtype (exact)."""
+        """The code book times ``scale`` (exact), in float64 when the index
+        searches in float64 only."""
+        if self.float64_only:
+            return self.codebook.astype(np.float64) * self.scale
         return self.codebook * self.codebook.dtype.type(self.scale)
 
     def _uses_tree(self):
@@ -451,10 +476,12 @@ class CodebookIndex:
         return sq_dist_to_codes(X, self._codes_for(X.dtype), labels, n_jobs, self.scale)
 
     def _codes_for(self, dtype):
-        """The code book (times ``scale``) in ``dtype``, for squared distances."""
-        if self.scale == 1.0:
-            return self.codebook.astype(dtype, copy=False)
-        return self.scaled_codebook.astype(dtype, copy=False)
+        """The code book (times ``scale``) for squared distances of rows of
+        ``dtype`` (float64 when the index searches in float64 only)."""
+        if self.float64_only:
+            dtype = np.float64
+        codes = self.codebook if self.scale == 1.0 else self.scaled_codebook
+        return codes.astype(dtype, copy=False)
 
     def _brute_block(self, X, prep):
         """Nearest codes of a block, and lower bounds on the second distances."""
@@ -494,9 +521,7 @@ class CodebookIndex:
             labels[far] = _exact_nearest(X[far], self.codes64)
             lower[far] = 0.0
         np.maximum(lower, 0.0, out=lower)
-        if prep.scale != 1.0:
-            lower /= prep.scale * prep.scale
-        return labels, lower
+        return labels, unscaled_sq(lower, prep.scale)
 
     def _kd_block(self, X, n_threads):
         """Nearest codes of a block, and lower bounds on the second distances."""
@@ -512,7 +537,7 @@ class CodebookIndex:
             # re-checked.
             rel = self._tree_rel(X.shape[1])
             unsure = ~(d2 - d1 > rel * d2)
-            lower = d2 * (1.0 - 2.0 * rel) / (self.tree_scale * self.tree_scale)
+            lower = unscaled_sq(d2 * (1.0 - 2.0 * rel), self.tree_scale)
         if unsure.any():
             labels[unsure] = _exact_nearest(X[unsure], self.codes64)
             lower[unsure] = 0.0

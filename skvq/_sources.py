@@ -372,7 +372,7 @@ def in_memory_source(
             order = rng.permutation(n_rows)
             X, sample_weight = X[order], sample_weight[order]
     if unit is None:
-        unit = unit_for(max_abs(X)) if X.dtype == np.float64 else 1.0
+        unit = unit_for(max_abs(X), X.dtype)
     X = to_internal(X, unit)
     plan = StagePlan(tuple(sizes), min(batch_size, n_rows))
     block = RowBlock(X, sample_weight, columns, holds_all=True)
@@ -389,7 +389,11 @@ def to_internal(X, unit):
     if unit == 1.0:
         return X
     with np.errstate(over="ignore", under="ignore"):
-        scaled = X * X.dtype.type(1.0 / unit)
+        factor = X.dtype.type(1.0 / unit)
+        if np.isfinite(factor) and factor > 0:
+            scaled = X * factor
+        else:  # the factor itself leaves float32's range: go through float64
+            scaled = (X.astype(np.float64) * (1.0 / unit)).astype(X.dtype)
     if not np.isfinite(scaled).all():
         raise ValueError(
             f"X holds values (largest magnitude {max_abs(X):.3g}) beyond what this "

@@ -9,8 +9,10 @@ whose call fails keeps the state it had.
 
 Internal units.  Vectors, sums and distortions are stored in units of
 ``unit``, a power of two chosen once, when the state is created, from the
-magnitude of the data (1.0 unless float64 data are so large or so small that
-squared distances could leave float64's range; float32 data never need it).
+magnitude of the data: 1.0 unless the data are so large or so small that
+squared distances could leave float64's range (beyond 2**256 or below
+2**-256), or, for float32, that residuals could fall into its subnormal range
+or differences overflow it (beyond 2**60 or below 2**-60).
 Dividing data by a power of two is exact, so everything the kernels compute
 on rescaled data equals the computation on the data themselves, rescaled;
 the views in the data's own units (:attr:`~CodebookState.codebook`,
@@ -28,17 +30,21 @@ from ._kernels import COUNT_FLOOR, ema_average, ema_update, perplexity
 from ._relocation import apply_relocations
 from ._search import CodebookIndex, power_of_two_scale
 
-# Data whose largest magnitude lies within 2**-UNIT_EXPONENT and
-# 2**UNIT_EXPONENT need no internal unit: squared distances summed over any
-# realistic number of rows and features stay far inside float64's range.
-UNIT_EXPONENT = 256
+# Data whose largest magnitude lies within 2**-e and 2**e (e by dtype) need
+# no internal unit.  float64: squared distances summed over any realistic
+# number of rows and features stay far inside float64's range.  float32:
+# the residuals of later stages, far smaller than the data, stay far above
+# float32's subnormal range, and differences of codes far below its
+# overflow.
+UNIT_EXPONENT = {np.dtype(np.float32): 60, np.dtype(np.float64): 256}
 
 _VERSIONS = itertools.count()
 
 
-def unit_for(max_abs):
-    """The internal unit for data whose largest magnitude is ``max_abs``."""
-    return 1.0 / power_of_two_scale(max_abs, UNIT_EXPONENT)
+def unit_for(max_abs, dtype):
+    """The internal unit for data of ``dtype`` whose largest magnitude is
+    ``max_abs``: 1.0, or a power of two that brings it near 1."""
+    return 1.0 / power_of_two_scale(max_abs, UNIT_EXPONENT[np.dtype(dtype)])
 
 
 @dataclass(frozen=True)
@@ -142,6 +148,7 @@ class CodebookState:
         state = self.__dict__.copy()
         state.pop("index", None)
         state.pop("user_index", None)
+        state.pop("published_index", None)
         return state
 
     def __setstate__(self, state):
@@ -151,6 +158,17 @@ class CodebookState:
     def index(self):
         """The search structure of :attr:`codes` (built on first use)."""
         return CodebookIndex(self.codes, self.algorithm)
+
+    @cached_property
+    def published_index(self):
+        """The search structure of :attr:`codebook` brought back to internal
+        units: the code vectors as published (rounded, should they fall below
+        the dtype's normal range), searched where their squared distances
+        cannot overflow."""
+        if self.unit == 1.0:
+            return self.index
+        codes = self.codebook.astype(np.float64) / self.unit
+        return CodebookIndex(codes.astype(self.codes.dtype), self.algorithm)
 
     @cached_property
     def user_index(self):
@@ -293,5 +311,5 @@ def _in_units(values, unit):
     """``values * unit`` (exact, or infinite beyond the dtype's range)."""
     if unit == 1.0:
         return values
-    with np.errstate(over="ignore"):
-        return values * values.dtype.type(unit)
+    with np.errstate(over="ignore", under="ignore"):
+        return (values.astype(np.float64) * unit).astype(values.dtype)
