@@ -170,15 +170,14 @@ class QuantizerBase(TransformerMixin, BaseEstimator):
             return self._checked_dask(X, reset=reset), sample_weight
         return self._validate_batch(X, sample_weight, reset=reset)
 
-    def _make_source(self, X, sample_weight, *, rng=None, unit=None, columns=None):
-        """The data source of a training call: the stages of a fit when
-        ``rng`` is given, else one batch; ``unit`` defaults to the one the
-        data call for."""
+    def _make_source(self, X, sample_weight, *, fit=False, unit=None, columns=None):
+        """The data source of a training call: the stages of a ``fit``, else
+        one batch; ``unit`` defaults to the one the data call for."""
         params = dict(
             n_jobs=self.n_jobs,
             batch_size=self.batch_size,
             n_codes=self.n_codes,
-            rng=rng,
+            fit=fit,
             unit=unit,
             columns=columns,
         )

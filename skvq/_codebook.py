@@ -386,7 +386,7 @@ class VQCodebookTransformer(QuantizerBase):
         """
         with self._unchanged_on_error():
             rng = check_random_state(self.random_state)
-            source = self._source(X, sample_weight, reset=True, rng=rng)
+            source = self._source(X, sample_weight, reset=True, fit=True)
             config = self._config(init=self._initial_codes(source.n_features))
             with blas_held(self.n_jobs, source.plan.n_rows * self.n_codes):
                 outcome = run(source, FitSchedule(config, source, rng).run())
@@ -431,10 +431,10 @@ class VQCodebookTransformer(QuantizerBase):
             self._states = (state,)
         return self
 
-    def _source(self, X, sample_weight, *, reset, rng=None, unit=None):
-        """The data source of a training call (``rng``: a fit's stages)."""
+    def _source(self, X, sample_weight, *, reset, fit=False, unit=None):
+        """The data source of a training call (``fit``: with its stages)."""
         X, sample_weight = self._training_input(X, sample_weight, reset=reset)
-        return self._make_source(X, sample_weight, rng=rng, unit=unit)
+        return self._make_source(X, sample_weight, fit=fit, unit=unit)
 
     def _initial_codes(self, n_features):
         """``init``, checked, when it is an array; else the strategy name."""

@@ -6,16 +6,16 @@ hand it arrays and callables.
 
 Training.  :func:`dask_source` turns the chunks of a Dask array into
 :class:`~skvq._sources.RowBlock` objects, persisted where they are computed
-(on the workers, with ``distributed``): each holds its rows, their weights
-and what the requests leave for them (labels, squared distances, the
-distance bounds of ``fit``).  :class:`DaskSource` serves a batch of requests
-with one task per chunk concerned and a tree of merges (fan-in
-``FAN_IN``): only code-book-sized statistics travel, never the rows.  It
-answers exactly what :class:`~skvq._sources.InMemorySource` answers for the
-same rows, to the rounding of the sums, so the training schedules run
-unchanged.  The stages of ``fit`` are prefixes of the chunks in one random
-order.  Values (NaN, infinity, negative weights) are checked inside the
-tasks that first read a chunk, before any estimator changes.
+(on the workers, with ``distributed``): each holds its rows (sorted by
+stage), their weights and what the requests leave for them (labels, squared
+distances, the distance bounds of ``fit``).  :class:`DaskSource` serves a
+batch of requests with one task per chunk concerned and a tree of merges
+(fan-in ``FAN_IN``): only code-book-sized statistics travel, never the rows.
+It answers exactly what :class:`~skvq._sources.InMemorySource` answers for
+the same rows, to the rounding of the sums (the stages are the same sets of
+rows), so the training schedules run unchanged.  Values (NaN, infinity,
+negative weights) are checked inside the tasks that first read a chunk,
+before any estimator changes.
 
 Inference.  :func:`map_rows`, :func:`map_codes` and :func:`lazy_score`
 apply a fitted estimator's NumPy methods block by block, lazily.
@@ -30,7 +30,15 @@ import numpy as np
 from scipy import sparse
 from sklearn.utils import check_array
 
-from ._sources import RowBlock, StagePlan, max_abs, stage_sizes, to_internal
+from ._sources import (
+    RowBlock,
+    StagePlan,
+    data_exponent,
+    max_abs,
+    sorted_by_stage,
+    stage_thresholds,
+    to_internal,
+)
 from ._state import unit_for
 from ._validation import quiet_validation
 
@@ -108,36 +116,42 @@ class _Summary:
 
 
 def _make_block(block, weights, columns):
+    """A validated chunk as a block, with its summary."""
     block, weights = _validated_chunk(block, weights)
     row_block = RowBlock(np.ascontiguousarray(block), weights, columns)
-    row_block.summary = _Summary(float(weights.sum()), max_abs(block))
-    return row_block
+    return row_block, _Summary(float(weights.sum()), max_abs(block))
 
 
-def _rescaled(block, unit):
-    rescaled = RowBlock(to_internal(block.X, unit), block.weights, block.columns)
-    rescaled.summary = block.summary
-    return rescaled
-
-
-def _tree(function, leaves, *args):
-    """Tree-reduce delayed ``leaves`` with ``function(group, *args)``."""
-    level = list(leaves)
-    while len(level) > 1:
-        level = [
-            dask.delayed(function)(level[i : i + FAN_IN], *args)
-            for i in range(0, len(level), FAN_IN)
-        ]
-    return level[0]
+def _arranged(item, unit, bounds, exponent):
+    """The block in internal units, its rows sorted by stage."""
+    block = item[0]
+    X, weights, stage_rows = sorted_by_stage(block.X, block.weights, bounds, exponent)
+    return RowBlock(to_internal(X, unit), weights, block.columns, stage_rows=stage_rows)
 
 
 def _summary_of(items):
-    """The summary of blocks or of summaries (the nodes of a tree)."""
+    """The summary of (block, summary) pairs or of summaries (tree nodes)."""
     total = None
     for item in items:
-        summary = item.summary if isinstance(item, RowBlock) else item
+        summary = item[1] if isinstance(item, tuple) else item
         total = summary if total is None else total + summary
     return total
+
+
+def _tree(function, leaves):
+    """Tree-reduce delayed ``leaves`` with ``function(group)``."""
+    level = list(leaves)
+    while True:
+        level = [
+            dask.delayed(function)(level[i : i + FAN_IN])
+            for i in range(0, len(level), FAN_IN)
+        ]
+        if len(level) == 1:
+            return level[0]
+
+
+def _stage_rows_of(blocks):
+    return [block.stage_rows for block in blocks]
 
 
 def dask_source(
@@ -147,16 +161,15 @@ def dask_source(
     n_jobs,
     batch_size,
     n_codes=None,
-    rng=None,
+    fit=False,
     unit=None,
     columns=None,
 ):
     """A :class:`DaskSource` over a checked Dask array.
 
-    With ``rng`` (a ``fit``), the stages are prefixes of the chunks in a
-    random order (at least the rows of the NumPy schedule's stages); else
-    one stage holds all the chunks (a stream's batch).  The chunks are
-    validated and persisted at once.
+    The chunks are validated and persisted at once; for a ``fit``, each
+    chunk's rows are sorted by stage (the stages of the NumPy schedule, see
+    :mod:`skvq._sources`), else one stage holds every row (a stream's batch).
     """
     sample_weight = _weights(sample_weight, X)
     chunks = list(X.to_delayed().ravel())
@@ -165,57 +178,42 @@ def dask_source(
         if sample_weight is None
         else list(sample_weight.to_delayed().ravel())
     )
-    blocks = [
-        dask.delayed(_make_block)(chunk, w, columns)
-        for chunk, w in zip(chunks, weights, strict=True)
-    ]
-    blocks = list(dask.persist(*blocks))
-    summary = dask.compute(_tree(_summary_of, blocks))[0]
+    pairs = dask.persist(
+        *[
+            dask.delayed(_make_block)(chunk, w, columns)
+            for chunk, w in zip(chunks, weights, strict=True)
+        ]
+    )
+    summary = dask.compute(_tree(_summary_of, pairs))[0]
     if not summary.weight > 0:
         raise ValueError("Sample weights must contain at least one non-zero number.")
     if unit is None:
         unit = unit_for(summary.max_abs, X.dtype)
-    if unit != 1.0:
-        blocks = list(dask.persist(*[dask.delayed(_rescaled)(b, unit) for b in blocks]))
-    sizes = np.asarray(X.chunks[0])
-    n_rows = int(sizes.sum())
-    order = np.arange(len(sizes))
-    targets = [n_rows]
-    if rng is not None:
-        targets = stage_sizes(n_rows, batch_size, n_codes)
-        if len(targets) > 1:
-            order = rng.permutation(len(sizes))
-    ends = np.cumsum(sizes[order])
-    stage_chunks, rows = [], []
-    for target in targets:
-        count = int(np.searchsorted(ends, target)) + 1
-        if rows and ends[count - 1] == rows[-1]:
-            continue
-        stage_chunks.append(count)
-        rows.append(int(ends[count - 1]))
-    plan = StagePlan(tuple(rows), min(batch_size, n_rows))
-    return DaskSource(
-        [blocks[k] for k in order],
-        [int(sizes[k]) for k in order],
-        stage_chunks,
-        plan,
-        unit,
-        X.dtype,
-        X.shape[1],
+    n_rows = int(np.sum(X.chunks[0]))
+    bounds = (np.inf,)
+    if fit:
+        bounds = stage_thresholds(n_rows, batch_size, n_codes)
+    exponent = data_exponent(summary.max_abs)
+    blocks = list(
+        dask.persist(
+            *[dask.delayed(_arranged)(p, unit, bounds, exponent) for p in pairs]
+        )
     )
+    block_rows = dask.compute(dask.delayed(_stage_rows_of)(blocks))[0]
+    stage_rows = tuple(int(r) for r in np.sum(block_rows, axis=0))
+    plan = StagePlan(stage_rows, min(batch_size, n_rows))
+    return DaskSource(blocks, block_rows, plan, unit, X.dtype, X.shape[1])
 
 
 class DaskSource:
     """The rows of a training run as persisted :class:`RowBlock` chunks.
 
-    ``blocks`` are in stage order: stage ``s`` holds the first
-    ``stage_chunks[s]`` of them.
+    ``block_rows[k]`` holds the rows of each stage in block ``k``.
     """
 
-    def __init__(self, blocks, sizes, stage_chunks, plan, unit, dtype, n_features):
+    def __init__(self, blocks, block_rows, plan, unit, dtype, n_features):
         self.blocks = blocks
-        self.sizes = sizes
-        self.stage_chunks = stage_chunks
+        self.block_rows = block_rows
         self.plan = plan
         self.unit = unit
         self.dtype = np.dtype(dtype)
@@ -244,7 +242,7 @@ class DaskSource:
             wanted = [
                 i
                 for i, request in enumerate(requests)
-                if request.stage is None or k < self.stage_chunks[request.stage]
+                if request.stage is None or self.block_rows[k][request.stage] > 0
             ]
             if not wanted:
                 continue
@@ -287,7 +285,7 @@ def _serve_block(item, requests, indexes):
     their stages)."""
     block = _block_of(item)
     parts = {
-        i: [request.on_block(block, block.n_rows, indexes, 1)]
+        i: [request.on_block(block, block.rows_in(request.stage), indexes, 1)]
         for i, request in requests.items()
     }
     return block, parts

@@ -493,7 +493,7 @@ class ProductVQTransformer(_MultiCodebookQuantizer):
             self._set_subspaces(X.shape[1])
             rngs = self._seeds(rng, self.n_subspaces_)
             source = self._make_source(
-                X, sample_weight, rng=rng, columns=self._columns()
+                X, sample_weight, fit=True, columns=self._columns()
             )
             config = self._config()
             schedules = [
@@ -741,7 +741,7 @@ class ResidualVQTransformer(_MultiCodebookQuantizer):
                 sample = canonical_sample(X, sample_weight)
                 X, sample_weight = sample.points.astype(X.dtype), sample.weights
             rngs = self._seeds(rng, self.n_stages)
-            source = self._make_source(X, sample_weight, rng=rng)
+            source = self._make_source(X, sample_weight, fit=True)
             training = ResidualTraining(self._config(), source, self.beam_size, rngs)
             with blas_held(self.n_jobs, source.plan.n_rows * self.n_codes):
                 outcome = run(source, training.fit())

@@ -88,6 +88,31 @@ def row_priority(rows):
     return priority
 
 
+# Odd multipliers of the stage hash, one per feature (cycled).
+_STAGE_MULTIPLIERS = np.random.default_rng(0x57A6E).integers(
+    0, 2**63, size=64, dtype=np.uint64
+) | np.uint64(1)
+
+
+def stage_priority(X, exponent):
+    """A pseudo-random number in [0, 1) per row, for assigning rows to stages.
+
+    A hash of the bits of the row divided by ``2**exponent`` (exact): with
+    ``exponent`` that of the data's largest magnitude, the same for the data
+    at any power-of-two scale; a function of the row alone, computed with
+    integer arithmetic (exact, in any order), so the same row gets the same
+    number in any array, chunk or backend.  Equal rows get equal numbers.
+    """
+    n_rows, n_features = X.shape
+    scaled = X * X.dtype.type(np.ldexp(1.0, -int(exponent)))
+    scaled += 0.0  # -0.0 + 0.0 == +0.0: equal values get equal bits
+    bits = scaled.view(np.uint32 if X.dtype == np.float32 else np.uint64)
+    multipliers = np.resize(_STAGE_MULTIPLIERS, n_features).astype(bits.dtype)
+    key = (bits * multipliers).sum(axis=1, dtype=bits.dtype).astype(np.uint64)
+    key = _mix64(key)
+    return (key >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
 def canonical_order(rows):
     """Indices that sort distinct ``rows`` canonically (see the module)."""
     if rows.shape[0] < 2:

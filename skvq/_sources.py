@@ -18,8 +18,13 @@ same answers, to the rounding of the sums.  Per-row memory that a request
 leaves (labels, squared distances, distance bounds) stays with the block,
 tagged with the code book version that produced it.
 
-A source also fixes the *stage plan* of ``fit``: growing prefixes of its
-rows (NumPy: of rows in a random order; Dask: of chunks in a random order).
+A source also fixes the *stage plan* of ``fit``: growing, nested sets of
+rows.  Stage membership is decided row by row, from a hash of the row's
+values (:func:`~skvq._rows.stage_priority`): the first stage holds the rows
+of priority below ``n_1 / n``, the next those below ``n_2 / n``, and so on.
+The stages are therefore the same sets of rows on every backend and for any
+chunking (and at any power-of-two scale of the data); each block keeps its
+rows sorted by stage, so that a stage is a prefix of every block.
 """
 
 from dataclasses import dataclass, field, replace
@@ -28,7 +33,7 @@ import numpy as np
 
 from ._kernels import BatchStatistics, LloydBounds, Moments, batch_statistics
 from ._relocation import MIN_SPLIT_ROWS, cell_members, merge_members
-from ._rows import canonical_sample, merge_samples
+from ._rows import canonical_sample, merge_samples, stage_priority
 from ._state import unit_for
 
 # fit keeps distance bounds on stages of at least this many row-code pairs:
@@ -47,6 +52,37 @@ def stage_sizes(n_rows, batch_size, n_codes):
     while sizes[-1] < n_rows:
         sizes.append(min(2 * sizes[-1], n_rows))
     return sizes
+
+
+def stage_thresholds(n_rows, batch_size, n_codes):
+    """Priority bounds of the stages of a ``fit`` on ``n_rows`` rows: stage
+    ``s`` holds the rows of priority below ``bounds[s]`` (the last bound, 1,
+    holds them all)."""
+    sizes = stage_sizes(n_rows, batch_size, n_codes)
+    return tuple(size / n_rows for size in sizes[:-1]) + (np.inf,)
+
+
+def sorted_by_stage(X, sample_weight, bounds, exponent):
+    """The rows (and weights) sorted by stage, and the rows of each stage.
+
+    Returns
+    -------
+    X, sample_weight : ndarray
+        Copies in stage order (rows of a stage in their original order).
+    stage_rows : tuple of int
+        Rows of stage ``s`` (a prefix), growing.
+    """
+    if len(bounds) == 1:
+        return X, sample_weight, (X.shape[0],)
+    stage = np.searchsorted(bounds, stage_priority(X, exponent), side="right")
+    order = np.argsort(stage, kind="stable")
+    counts = np.bincount(stage, minlength=len(bounds))
+    return X[order], sample_weight[order], tuple(int(c) for c in np.cumsum(counts))
+
+
+def data_exponent(max_abs_value):
+    """The binary exponent of the largest magnitude (0 for all-zero data)."""
+    return int(np.frexp(max_abs_value)[1]) if max_abs_value > 0 else 0
 
 
 @dataclass(frozen=True)
@@ -85,10 +121,12 @@ class RowBlock:
     (the residual targets of a stage).
     """
 
-    def __init__(self, X, weights, columns=None, *, holds_all=False):
+    def __init__(self, X, weights, columns=None, *, stage_rows=None, holds_all=False):
         self.X = X
         self.weights = weights
         self.columns = columns or {}
+        # Rows of each stage (prefixes: the rows are sorted by stage).
+        self.stage_rows = stage_rows or (X.shape[0],)
         # Whether this block holds every row of its source: per-cell filters
         # on row counts are then exact.
         self.holds_all = holds_all
@@ -99,6 +137,10 @@ class RowBlock:
     @property
     def n_rows(self):
         return self.X.shape[0]
+
+    def rows_in(self, stage):
+        """Rows of the block in ``stage`` (None: all of them)."""
+        return self.n_rows if stage is None else self.stage_rows[stage]
 
     def view(self, key):
         """The rows that ``key`` trains on."""
@@ -329,13 +371,10 @@ class InMemorySource:
         """The result of each request, in order."""
         results = []
         for request in requests:
-            rows = self.rows(request.stage)
+            rows = self.block.rows_in(request.stage)
             part = request.on_block(self.block, rows, request.indexes(), self.n_jobs)
             results.append(request.merge([part]))
         return results
-
-    def rows(self, stage):
-        return self.plan.n_rows if stage is None else self.plan.rows[stage]
 
 
 def max_abs(X):
@@ -352,30 +391,30 @@ def in_memory_source(
     n_jobs,
     batch_size,
     n_codes=None,
-    rng=None,
+    fit=False,
     unit=None,
     columns=None,
 ):
     """An :class:`InMemorySource` over validated ``X``.
 
-    With ``rng`` (a ``fit``), the stages are doubling prefixes of the rows in
-    a random order (the rows are copied in that order); otherwise one stage
-    holds the rows as they are (a stream's batch).  ``unit`` defaults to
-    the one that the magnitude of ``X`` calls for; data are divided by it
-    (a copy, only when it is not 1).
+    For a ``fit``, the rows are copied sorted by stage (see the
+    module docstring); otherwise one stage holds the rows as they are (a
+    stream's batch).  ``unit`` defaults to the one that the magnitude of
+    ``X`` calls for; data are divided by it (a copy, only when it is not 1).
     """
     n_rows = X.shape[0]
-    sizes = [n_rows]
-    if rng is not None:
-        sizes = stage_sizes(n_rows, batch_size, n_codes)
-        if len(sizes) > 1:  # nested prefixes of one shuffled copy
-            order = rng.permutation(n_rows)
-            X, sample_weight = X[order], sample_weight[order]
+    largest = max_abs(X) if unit is None or fit else 0.0
     if unit is None:
-        unit = unit_for(max_abs(X), X.dtype)
+        unit = unit_for(largest, X.dtype)
+    stage_rows = (n_rows,)
+    if fit:
+        bounds = stage_thresholds(n_rows, batch_size, n_codes)
+        X, sample_weight, stage_rows = sorted_by_stage(
+            X, sample_weight, bounds, data_exponent(largest)
+        )
     X = to_internal(X, unit)
-    plan = StagePlan(tuple(sizes), min(batch_size, n_rows))
-    block = RowBlock(X, sample_weight, columns, holds_all=True)
+    plan = StagePlan(stage_rows, min(batch_size, n_rows))
+    block = RowBlock(X, sample_weight, columns, stage_rows=stage_rows, holds_all=True)
     return InMemorySource(block, plan, unit, n_jobs)
 
 
