@@ -185,7 +185,8 @@ class VQCodebookTransformer(QuantizerBase):
         Number of EMA updates applied since the code book was initialised.
 
     n_iter_ : int
-        Number of steps made by the last :meth:`fit`, all stages together.
+        Number of steps made by the last :meth:`fit`, all stages together
+        (0 after :meth:`partial_fit` alone).
 
     ema_distortion_ : ndarray of shape (n_codes,)
         EMA of each code's distortion (the weighted sum of squared distances
@@ -391,7 +392,7 @@ class VQCodebookTransformer(QuantizerBase):
             with blas_held(self.n_jobs, source.plan.n_rows * self.n_codes):
                 outcome = run(source, FitSchedule(config, source, rng).run())
             self._states = (outcome.state,)
-            self.n_iter_ = outcome.n_iter
+            self._n_iter = outcome.n_iter
         return self
 
     def partial_fit(self, X, y=None, sample_weight=None):
@@ -450,6 +451,13 @@ class VQCodebookTransformer(QuantizerBase):
         return init
 
     # ----------------------------------------------------- fitted attributes
+    @property
+    def n_iter_(self):
+        """int: steps of the last :meth:`fit` (0 if only :meth:`partial_fit`
+        ran)."""
+        self._fitted_states()
+        return self.__dict__.get("_n_iter", 0)
+
     @property
     def codebook_(self):
         """ndarray of shape (n_codes, n_features): the code vectors."""

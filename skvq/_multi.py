@@ -57,6 +57,13 @@ class _MultiCodebookQuantizer(QuantizerBase):
         return np.array([state.perplexity for state in self._fitted_states()])
 
     @property
+    def n_iter_(self):
+        """int: steps of the code books' own fits in the last :meth:`fit`,
+        summed (0 if only :meth:`partial_fit` ran)."""
+        self._fitted_states()
+        return self.__dict__.get("_n_iter", 0)
+
+    @property
     def bits_per_vector_(self):
         """float: ``n_codebooks * log2(n_codes)``."""
         return len(self._fitted_states()) * float(np.log2(self.n_codes))
@@ -503,7 +510,7 @@ class ProductVQTransformer(_MultiCodebookQuantizer):
             with blas_held(self.n_jobs, source.plan.n_rows * self.n_codes):
                 outcomes = drive(source, schedules)
             self._states = tuple(outcome.state for outcome in outcomes)
-            self.n_iter_ = sum(outcome.n_iter for outcome in outcomes)
+            self._n_iter = sum(outcome.n_iter for outcome in outcomes)
         return self
 
     def partial_fit(self, X, y=None, sample_weight=None):
@@ -542,7 +549,6 @@ class ProductVQTransformer(_MultiCodebookQuantizer):
                     start_stream(config, source, j, stage_rng)
                     for j, stage_rng in enumerate(rngs)
                 ]
-                self.n_iter_ = 0
             else:
                 schedules = [
                     stream_step(config, state, j)
@@ -746,8 +752,8 @@ class ResidualVQTransformer(_MultiCodebookQuantizer):
             with blas_held(self.n_jobs, source.plan.n_rows * self.n_codes):
                 outcome = run(source, training.fit())
             self._states = outcome.states
-            self.n_iter_ = outcome.n_iter
-            self.n_refinements_ = outcome.n_refinements
+            self._n_iter = outcome.n_iter
+            self._n_refinements = outcome.n_refinements
         return self
 
     def partial_fit(self, X, y=None, sample_weight=None):
@@ -783,12 +789,18 @@ class ResidualVQTransformer(_MultiCodebookQuantizer):
                 rngs = self._seeds(check_random_state(self.random_state), self.n_stages)
                 training = ResidualTraining(config, source, self.beam_size, rngs)
                 self._states = run(source, training.start())
-                self.n_iter_ = 0
             else:
                 self._states = run(
                     source, joint_step(config, self._states, self.beam_size)
                 )
         return self
+
+    @property
+    def n_refinements_(self):
+        """int: joint refinement passes kept by the last :meth:`fit` (0 if
+        only :meth:`partial_fit` ran)."""
+        self._fitted_states()
+        return self.__dict__.get("_n_refinements", 0)
 
     def _coded(self, X):
         """Beam search of validated ``X``: the codes and squared errors.

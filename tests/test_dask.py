@@ -13,7 +13,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 from scipy import sparse
 from sklearn.datasets import make_blobs
 
-from skvq import VQCodebookTransformer
+from skvq import ProductVQTransformer, ResidualVQTransformer, VQCodebookTransformer
 
 
 @pytest.fixture(scope="module")
@@ -250,3 +250,88 @@ def test_multi_codebook_fit_on_dask_matches_numpy_quality(scheduler, Estimator):
     lazy = getattr(skvq, Estimator)(**params).fit(da.from_array(X, chunks=(1000, 6)))
     assert lazy.n_features_in_ == 6
     assert -lazy.score(X) <= 1.05 * -eager.score(X)
+
+
+def clustered(n_clusters=12, per_cluster=500, n_features=16, seed=7):
+    rng = np.random.RandomState(seed)
+    X = np.vstack(
+        [
+            rng.normal(
+                loc=rng.normal(size=n_features) * 3, size=(per_cluster, n_features)
+            )
+            for _ in range(n_clusters)
+        ]
+    )
+    rng.shuffle(X)
+    return X
+
+
+def all_codebooks(est):
+    if hasattr(est, "codebooks_"):
+        return np.vstack(est.codebooks_)
+    return est.codebook_
+
+
+ESTIMATORS = {
+    "vq": lambda: VQCodebookTransformer(n_codes=16, random_state=0),
+    "pq": lambda: ProductVQTransformer(n_codes=16, n_subspaces=4, random_state=0),
+    "rvq": lambda: ResidualVQTransformer(n_codes=16, n_stages=3, random_state=0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_twenty_stream_steps_on_dask_equal_numpy_with_relocation(scheduler, name):
+    X = clustered()
+    chunkings = (100, 77) if scheduler == "threads" else (77,)
+    for chunks in chunkings:
+        eager, lazy = ESTIMATORS[name](), ESTIMATORS[name]()
+        for i in range(20):
+            batch = X[(i * 300) % 5700 : (i * 300) % 5700 + 300]
+            eager.partial_fit(batch)
+            lazy.partial_fit(da.from_array(batch, chunks=(chunks, -1)))
+        views = eager.quantizers_ if name != "vq" else [eager]
+        assert sum(q.n_codes_relocated_ for q in views) > 0
+        assert_allclose(all_codebooks(lazy), all_codebooks(eager), rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_fit_on_dask_is_the_numpy_fit_over_several_stages(scheduler, name):
+    # batch_size=100: stages of 3,200, 6,400 and 6,000 rows; the stages hold
+    # the same rows whatever the chunks, so the fits are the same.
+    X = clustered()
+    eager = ESTIMATORS[name]().set_params(batch_size=100).fit(X)
+    lazy = ESTIMATORS[name]().set_params(batch_size=100)
+    lazy.fit(da.from_array(X, chunks=(1300, -1)))
+    assert eager.n_iter_ == lazy.n_iter_
+    # Sums over chunks round differently; the residual quantiser's joint
+    # least-squares solve amplifies that to about 1e-9 of its code books.
+    scale = np.abs(all_codebooks(eager)).max()
+    assert_allclose(
+        all_codebooks(lazy), all_codebooks(eager), rtol=0, atol=1e-8 * scale
+    )
+    assert lazy.score(X) == pytest.approx(eager.score(X), rel=1e-9)
+
+
+@pytest.mark.parametrize("Estimator", [ProductVQTransformer, ResidualVQTransformer])
+def test_compress_on_dask_is_lazy_and_equals_numpy(scheduler, Estimator):
+    X = data(2000)
+    est = Estimator(8, 3, random_state=0).fit(X)
+    codes = est.compress(da.from_array(X, chunks=(300, 6)))
+    assert isinstance(codes, da.Array) and codes.dtype == np.uint8
+    assert_array_equal(codes.compute(), est.compress(X))
+
+
+def test_a_dask_fit_takes_at_most_two_tasks_per_chunk_per_step():
+    from skvq._dask import dask_source
+    from skvq._schedule import FitSchedule, run
+    from skvq._state import TrainingConfig
+
+    X = da.from_array(clustered(), chunks=(400, -1))
+    config = TrainingConfig(n_codes=32, batch_size=100)
+    with dask.config.set(scheduler="threads"):
+        source = dask_source(X, None, n_jobs=1, batch_size=100, n_codes=32, fit=True)
+        outcome = run(
+            source, FitSchedule(config, source, np.random.RandomState(0)).run()
+        )
+    n_chunks = len(X.chunks[0])
+    assert source.n_tasks <= 2 * n_chunks * outcome.n_iter
