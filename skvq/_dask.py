@@ -44,6 +44,8 @@ from ._validation import quiet_validation
 
 # Fan-in of the tree merges of per-chunk results.
 FAN_IN = 8
+# Seconds between checks that the workers holding blocks are still there.
+_LIVENESS_PERIOD = 10.0
 
 
 # ------------------------------------------------------------------ checks
@@ -205,10 +207,29 @@ def dask_source(
     return DaskSource(blocks, block_rows, plan, unit, X.dtype, X.shape[1])
 
 
+def _distributed_client():
+    """The ``distributed`` client that Dask computes with now, or None."""
+    scheduler = dask.base.get_scheduler()
+    client = getattr(scheduler, "__self__", None)
+    cls = type(client)
+    if cls.__name__ == "Client" and cls.__module__.startswith("distributed"):
+        return client
+    return None
+
+
 class DaskSource:
     """The rows of a training run as persisted :class:`RowBlock` chunks.
 
     ``block_rows[k]`` holds the rows of each stage in block ``k``.
+
+    With a ``distributed`` client, each block is updated in place on the
+    worker that holds it: every task on a block is bound to that worker
+    (strict worker restrictions, so it is neither moved nor stolen), and
+    only the tasks' parts travel to the merges.  Should that worker leave
+    the cluster, the next request raises an error instead of training on a
+    block that lost its memory.  With the local schedulers, each task
+    returns its block with its parts, and the pair becomes the block of the
+    next call.
     """
 
     def __init__(self, blocks, block_rows, plan, unit, dtype, n_features):
@@ -220,44 +241,59 @@ class DaskSource:
         self.n_features = n_features
         self._session = uuid.uuid4().hex
         self.n_tasks = 0  # scheduler tasks of the requests served so far
+        self._client = _distributed_client()
+        if self._client is not None:
+            from distributed import futures_of, wait
+
+            self._futures = [futures_of(block)[0] for block in blocks]
+            wait(self._futures)
+            holders = self._client.who_has(self._futures)
+            self._holders = [sorted(holders[f.key])[0] for f in self._futures]
+            self._threads = self._client.nthreads()
 
     def serve(self, requests):
         """The result of each request: one task per chunk concerned, merged
-        by a tree of tasks.
+        by a tree of tasks."""
+        detached = [request.detached() for request in requests]
+        wanted = [
+            [
+                i
+                for i, request in enumerate(requests)
+                if request.stage is None or self.block_rows[k][request.stage] > 0
+            ]
+            for k in range(len(self.blocks))
+        ]
+        if self._client is not None:
+            merged = self._serve_on_workers(requests, detached, wanted)
+        else:
+            merged = self._serve_locally(requests, detached, wanted)
+        # One part per request: merged already, or a lone chunk's.
+        return [requests[i].merge(merged[i]) for i in range(len(requests))]
 
-        Each chunk's task returns its block (with what the requests left in
-        its memory) and its parts; those pairs are persisted and become the
-        blocks of the next call, so a task that ran on a copy of a block
-        leaves no stale copy behind.
-        """
+    def _serve_locally(self, requests, detached, wanted):
+        """Local schedulers: tasks return (block, parts); the persisted pairs
+        are the next call's blocks."""
         indexes = {}
         for request in requests:
             for version, index in request.indexes().items():
                 indexes[version] = dask.delayed(
                     index, name=f"skvq-index-{self._session}-{version}"
                 )
-        detached = [request.detached() for request in requests]
         served, tasks = [], []
         for k, block in enumerate(self.blocks):
-            wanted = [
-                i
-                for i, request in enumerate(requests)
-                if request.stage is None or self.block_rows[k][request.stage] > 0
-            ]
-            if not wanted:
+            if not wanted[k]:
                 continue
             served.append(k)
             tasks.append(
                 dask.delayed(_serve_block)(
                     block,
-                    {i: detached[i] for i in wanted},
-                    {v: indexes[v] for i in wanted for v in requests[i].indexes()},
+                    {i: detached[i] for i in wanted[k]},
+                    {v: indexes[v] for i in wanted[k] for v in requests[i].indexes()},
                 )
             )
         tasks = list(dask.persist(*tasks))
         for k, task in zip(served, tasks, strict=True):
             self.blocks[k] = task
-        self.n_tasks += len(tasks)
         level = tasks
         while len(level) > 1:
             level = [
@@ -265,9 +301,60 @@ class DaskSource:
                 for i in range(0, len(level), FAN_IN)
             ]
             self.n_tasks += len(level)
-        merged = _parts_of(dask.compute(level[0])[0])
-        # One part per request: merged already, or a lone chunk's.
-        return [requests[i].merge(merged[i]) for i in range(len(requests))]
+        self.n_tasks += len(tasks)
+        return _parts_of(dask.compute(level[0])[0])
+
+    def _serve_on_workers(self, requests, detached, wanted):
+        """``distributed``: one task per worker, bound to it, serves the
+        blocks that worker holds (updating them in place, on the worker's
+        threads) and merges their parts; the client merges the workers'."""
+        client = self._client
+        index_objects = {}
+        for request in requests:
+            index_objects.update(request.indexes())
+        groups = {}
+        for k, holder in enumerate(self._holders):
+            if wanted[k]:
+                groups.setdefault(holder, []).append(k)
+        tasks = [
+            client.submit(
+                _serve_group,
+                [self._futures[k] for k in blocks],
+                [wanted[k] for k in blocks],
+                detached,
+                {
+                    v: index_objects[v]
+                    for k in blocks
+                    for i in wanted[k]
+                    for v in requests[i].indexes()
+                },
+                self._threads.get(worker, 1),
+                workers=[worker],
+                allow_other_workers=False,
+                pure=False,
+            )
+            for worker, blocks in groups.items()
+        ]
+        self.n_tasks += len(tasks)
+        return _merge_parts(self._results(tasks), detached)
+
+    def _results(self, tasks):
+        """The tasks' results; an error if a worker holding blocks left."""
+        from distributed import wait
+
+        while True:
+            done = wait(tasks, timeout=_LIVENESS_PERIOD, return_when="ALL_COMPLETED")
+            if not done.not_done:
+                return self._client.gather(tasks)
+            gone = set(self._holders) - set(self._client.nthreads())
+            if gone:
+                for task in tasks:
+                    task.cancel()
+                raise RuntimeError(
+                    f"The Dask worker(s) {sorted(gone)} holding chunks of the "
+                    "training data left the cluster, with what training kept on "
+                    "those chunks; fit again."
+                )
 
 
 def _block_of(item):
@@ -289,6 +376,19 @@ def _serve_block(item, requests, indexes):
         for i, request in requests.items()
     }
     return block, parts
+
+
+def _serve_group(blocks, wanted, requests, indexes, n_jobs):
+    """The merged parts of the blocks one worker holds (block ``k`` serves
+    the requests ``wanted[k]``), computed on the worker's ``n_jobs``
+    threads."""
+    parts = {}
+    for block, block_wanted in zip(blocks, wanted, strict=True):
+        for i in block_wanted:
+            rows = block.rows_in(requests[i].stage)
+            part = requests[i].on_block(block, rows, indexes, n_jobs)
+            parts.setdefault(i, []).append(part)
+    return {i: [requests[i].merge(p)] for i, p in parts.items()}
 
 
 def _merge_parts(items, requests):

@@ -9,10 +9,12 @@ lets the estimators work on data of any magnitude in internal units.
 """
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from scipy import sparse
 
+from ._search import scratch
 from ._threads import n_threads, run_tasks
 
 # A code whose EMA count falls below this value (after about 35,000 unused
@@ -189,11 +191,28 @@ def _chunk_sums(X, labels, sample_weight, n_codes):
         return sums
     # Column i of this (n_codes, n_samples) matrix holds w_i at row labels[i]:
     # its product with X scatters the weighted rows onto their codes in one
-    # pass, in sample order, with no sort.
+    # pass, in sample order, with no sort.  Its index arrays are int32 views
+    # of reused buffers (fresh ones would page-fault every call).
+    indices = scratch("statistics-indices", (1, n_samples), np.int32)[0]
+    indices[:] = labels
+    indptr = _column_starts(n_samples)
     assign = sparse.csc_matrix(
-        (sample_weight, labels, np.arange(n_samples + 1)), shape=(n_codes, n_samples)
+        (sample_weight, indices, indptr), shape=(n_codes, n_samples), copy=False
     )
-    return np.asarray(assign @ X.astype(np.float64, copy=False))
+    if X.dtype != np.float64:
+        # Cast into a reused buffer, likewise.
+        buffer = scratch("statistics", X.shape, np.float64)
+        np.copyto(buffer, X)
+        X = buffer
+    return np.asarray(assign @ X)
+
+
+@lru_cache(maxsize=4)
+def _column_starts(n_samples):
+    """``0, 1, ..., n_samples`` as int32 (one row per column)."""
+    starts = np.arange(n_samples + 1, dtype=np.int32)
+    starts.setflags(write=False)
+    return starts
 
 
 @dataclass(frozen=True)
@@ -286,34 +305,45 @@ class LloydBounds:
         codebook = index.codebook
         if self.codebook is None:
             labels, _, second = index.nearest(X, n_jobs=n_jobs, return_second=True)
-            self.lower = np.sqrt(second)
+            self.lower = np.sqrt(second, out=second)
+            self.upper = np.empty_like(self.lower)
+            self.labels = labels
             self.last_searched = X.shape[0]
         else:
-            labels, redo = self._unsure_rows(codebook)
+            redo = self._unsure_rows(codebook)
             if redo.size:
                 found, _, second = index.nearest(
                     X[redo], n_jobs=n_jobs, return_second=True
                 )
-                labels[redo] = found
+                self.labels[redo] = found
                 self.lower[redo] = np.sqrt(second)
             self.last_searched = redo.size
+        labels = self.labels.copy()
         sq_dist = index.sq_dist(X, labels, n_jobs=n_jobs)
         self.lower *= 1.0 - self.rel
-        self.upper = np.sqrt(sq_dist) * (1.0 + self.rel)
-        self.labels, self.codebook = labels, codebook
+        np.sqrt(sq_dist, out=self.upper)
+        self.upper *= 1.0 + self.rel
+        self.codebook = codebook
         return labels, sq_dist
 
     def _unsure_rows(self, codebook):
-        """Labels kept so far, and the rows whose bounds no longer decide."""
+        """Loosen the bounds by the codes' moves; the rows they no longer
+        decide (the bounds are updated in place)."""
         moved = codebook.astype(np.float64) - self.codebook
         delta = np.sqrt(np.einsum("ij,ij->i", moved, moved)) * (1.0 + 1e-9)
         top = int(np.argmax(delta))
         others = np.delete(delta, top)
         runner_up = others.max(initial=0.0)
-        other_move = np.where(self.labels == top, runner_up, delta[top])
-        self.lower -= other_move
-        upper = self.upper + delta[self.labels]
-        return self.labels.copy(), np.flatnonzero(~(upper < self.lower))
+        # Every row's lower bound drops by the largest move of another code:
+        # delta[top], or the runner-up's move for the rows of code top.
+        of_top = np.flatnonzero(self.labels == top)
+        lower_of_top = self.lower[of_top] - runner_up
+        self.lower -= delta[top]
+        self.lower[of_top] = lower_of_top
+        moves = scratch("bound moves", (1, self.labels.shape[0]), np.float64)[0]
+        np.take(delta, self.labels, out=moves, mode="clip")
+        self.upper += moves
+        return np.flatnonzero(~(self.upper < self.lower))
 
 
 def ema_update(counts, sums, codebook, batch_counts, batch_sums, momentum):

@@ -188,8 +188,10 @@ def _exact_ranked(X, codes64, rows, cols, k):
 _SCRATCH = threading.local()
 
 
-def _scratch(name, shape, dtype):
-    """A per-thread reusable buffer: fresh large temporaries page-fault."""
+def scratch(name, shape, dtype):
+    """A per-thread reusable buffer: fresh large temporaries page-fault (all
+    the more where the allocator returns freed memory to the system at once,
+    as Dask's workers are configured to)."""
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
     key = (name, np.dtype(dtype))
     buf = buffers.get(key)
@@ -211,8 +213,10 @@ def _sq_dist_to(X, codes, labels, scale=1.0):
     """
     if codes.dtype != X.dtype:  # a float64-only index
         X = X.astype(codes.dtype)
-    diff = _scratch("difference", X.shape, X.dtype)
-    np.take(codes, labels, axis=0, out=diff)
+    diff = scratch("difference", X.shape, X.dtype)
+    # mode="clip" (labels are valid): with the default mode, NumPy buffers
+    # ``out`` in a fresh temporary on every call.
+    np.take(codes, labels, axis=0, out=diff, mode="clip")
     with np.errstate(over="ignore", invalid="ignore"):
         if scale != 1.0:
             np.subtract(X * X.dtype.type(scale), diff, out=diff)
@@ -283,18 +287,18 @@ class _BrutePrep:
         # product or the margin: they go to the exact check instead.
         self.limit = float(info.max) / 16
 
-    def scores(self, X, *, scratch=True):
+    def scores(self, X, *, reuse=True):
         """``(||e||^2 - 2 (x - center).e, x - center)``, rescaled, for a block
         of rows (those of :meth:`far_rows` may hold inf or NaN).
 
-        With ``scratch``, both live in per-thread buffers that the next call
+        With ``reuse``, both live in per-thread buffers that the next call
         overwrites.
         """
         n_rows, n_features = X.shape
         shape_a, shape_s = (n_rows, n_features + 1), (n_rows, self.product.shape[1])
-        if scratch:
-            augmented = _scratch("augmented", shape_a, self.dtype)
-            scores = _scratch("scores", shape_s, self.dtype)
+        if reuse:
+            augmented = scratch("augmented", shape_a, self.dtype)
+            scores = scratch("scores", shape_s, self.dtype)
         else:
             augmented = np.empty(shape_a, dtype=self.dtype)
             scores = np.empty(shape_s, dtype=self.dtype)
@@ -655,7 +659,7 @@ class CodebookIndex:
             for lo in range(start, stop, block):
                 hi = min(lo + block, stop)
                 with np.errstate(over="ignore", invalid="ignore"):
-                    sq, centred = prep.scores(X[lo:hi], scratch=False)
+                    sq, centred = prep.scores(X[lo:hi], reuse=False)
                     sq += np.einsum("ij,ij->i", centred, centred)[:, None]
                     np.maximum(sq, 0.0, out=sq)
                     np.sqrt(sq, out=sq)
