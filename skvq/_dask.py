@@ -46,6 +46,12 @@ from ._validation import quiet_validation
 FAN_IN = 8
 # Seconds between checks that the workers holding blocks are still there.
 _LIVENESS_PERIOD = 10.0
+# A stage is served in the client's process when one step on it costs at
+# most this many multiply-adds (rows x codes x features: tens of
+# milliseconds on one core, about what a round trip to a busy cluster costs,
+# measured at 11 ms on two cores) and its rows take at most this many bytes.
+LOCAL_WORK = 2**30
+LOCAL_BYTES = 2**28
 
 
 # ------------------------------------------------------------------ checks
@@ -121,39 +127,22 @@ def _make_block(block, weights, columns):
     """A validated chunk as a block, with its summary."""
     block, weights = _validated_chunk(block, weights)
     row_block = RowBlock(np.ascontiguousarray(block), weights, columns)
-    return row_block, _Summary(float(weights.sum()), max_abs(block))
+    row_block.summary = _Summary(float(weights.sum()), max_abs(block))
+    return row_block
 
 
-def _arranged(item, unit, bounds, exponent):
+def _summary(block):
+    return block.summary
+
+
+def _arranged(block, unit, bounds, exponent):
     """The block in internal units, its rows sorted by stage."""
-    block = item[0]
     X, weights, stage_rows = sorted_by_stage(block.X, block.weights, bounds, exponent)
     return RowBlock(to_internal(X, unit), weights, block.columns, stage_rows=stage_rows)
 
 
-def _summary_of(items):
-    """The summary of (block, summary) pairs or of summaries (tree nodes)."""
-    total = None
-    for item in items:
-        summary = item[1] if isinstance(item, tuple) else item
-        total = summary if total is None else total + summary
-    return total
-
-
-def _tree(function, leaves):
-    """Tree-reduce delayed ``leaves`` with ``function(group)``."""
-    level = list(leaves)
-    while True:
-        level = [
-            dask.delayed(function)(level[i : i + FAN_IN])
-            for i in range(0, len(level), FAN_IN)
-        ]
-        if len(level) == 1:
-            return level[0]
-
-
-def _stage_rows_of(blocks):
-    return [block.stage_rows for block in blocks]
+def _stage_rows(block):
+    return block.stage_rows
 
 
 def dask_source(
@@ -180,13 +169,18 @@ def dask_source(
         if sample_weight is None
         else list(sample_weight.to_delayed().ravel())
     )
-    pairs = dask.persist(
+    # Every task below reads one block: no block is ever copied to another
+    # worker, so the in-place updates of training always reach the one copy.
+    made = dask.persist(
         *[
             dask.delayed(_make_block)(chunk, w, columns)
             for chunk, w in zip(chunks, weights, strict=True)
         ]
     )
-    summary = dask.compute(_tree(_summary_of, pairs))[0]
+    summaries = dask.compute([dask.delayed(_summary)(b) for b in made])[0]
+    summary = summaries[0]
+    for other in summaries[1:]:
+        summary = summary + other
     if not summary.weight > 0:
         raise ValueError("Sample weights must contain at least one non-zero number.")
     if unit is None:
@@ -198,13 +192,30 @@ def dask_source(
     exponent = data_exponent(summary.max_abs)
     blocks = list(
         dask.persist(
-            *[dask.delayed(_arranged)(p, unit, bounds, exponent) for p in pairs]
+            *[dask.delayed(_arranged)(b, unit, bounds, exponent) for b in made]
         )
     )
-    block_rows = dask.compute(dask.delayed(_stage_rows_of)(blocks))[0]
+    del made
+    block_rows = dask.compute([dask.delayed(_stage_rows)(b) for b in blocks])[0]
     stage_rows = tuple(int(r) for r in np.sum(block_rows, axis=0))
     plan = StagePlan(stage_rows, min(batch_size, n_rows))
-    return DaskSource(blocks, block_rows, plan, unit, X.dtype, X.shape[1])
+    local_rows = 0  # a stream's batch stays on the workers
+    if fit:
+        local_rows = min(
+            LOCAL_WORK // max(1, (n_codes or 1) * X.shape[1]),
+            LOCAL_BYTES // max(1, X.dtype.itemsize * X.shape[1]),
+        )
+    return DaskSource(
+        blocks,
+        block_rows,
+        plan,
+        unit,
+        X.dtype,
+        X.shape[1],
+        n_jobs,
+        local_rows,
+        columns,
+    )
 
 
 def _distributed_client():
@@ -222,23 +233,47 @@ class DaskSource:
 
     ``block_rows[k]`` holds the rows of each stage in block ``k``.
 
+    In a ``fit``, requests on a stage of at most ``local_rows`` rows (see
+    ``LOCAL_WORK``: the small stages, where relocation makes many short
+    steps) are served in this process, on ``n_jobs`` threads: the rows of
+    the largest such stage are gathered once (the same rows, in chunk
+    order), and a step then costs no round trip to the cluster.  A stream's
+    batch is always served on the workers.
+
     With a ``distributed`` client, each block is updated in place on the
-    worker that holds it: every task on a block is bound to that worker
-    (strict worker restrictions, so it is neither moved nor stolen), and
-    only the tasks' parts travel to the merges.  Should that worker leave
-    the cluster, the next request raises an error instead of training on a
-    block that lost its memory.  With the local schedulers, each task
-    returns its block with its parts, and the pair becomes the block of the
-    next call.
+    worker that holds it: one task per worker, bound to it (strict worker
+    restrictions, so it is neither moved nor stolen), serves the blocks it
+    holds on the worker's threads, and only merged parts travel.  Should
+    that worker leave the cluster, the request raises an error instead of
+    training on a block that lost its memory.  With the local schedulers,
+    each chunk's task returns its block with its parts, and the pair becomes
+    the block of the next call.
     """
 
-    def __init__(self, blocks, block_rows, plan, unit, dtype, n_features):
+    def __init__(
+        self,
+        blocks,
+        block_rows,
+        plan,
+        unit,
+        dtype,
+        n_features,
+        n_jobs,
+        local_rows,
+        columns=None,
+    ):
         self.blocks = blocks
         self.block_rows = block_rows
         self.plan = plan
         self.unit = unit
         self.dtype = np.dtype(dtype)
         self.n_features = n_features
+        self.n_jobs = n_jobs
+        self.local_rows = local_rows
+        self.columns = columns
+        self._local = {}  # (key, stage) -> RowBlock of the stage's rows here
+        self._gathered = {}  # key -> rows of the largest local stage
+        self._set_keys = set()  # keys whose rows requests replaced
         self._session = uuid.uuid4().hex
         self.n_tasks = 0  # scheduler tasks of the requests served so far
         self._client = _distributed_client()
@@ -250,10 +285,119 @@ class DaskSource:
             holders = self._client.who_has(self._futures)
             self._holders = [sorted(holders[f.key])[0] for f in self._futures]
             self._threads = self._client.nthreads()
+            # Requests served by each block: a block that did not see them
+            # all (a copy, or one rebuilt after its worker left) says so.
+            self._generations = [0] * len(blocks)
 
     def serve(self, requests):
-        """The result of each request: one task per chunk concerned, merged
-        by a tree of tasks."""
+        """The result of each request, in order."""
+        for request in requests:
+            for key in request.sets_rows_of():
+                self._set_keys.add(key)
+                self._local = {k: b for k, b in self._local.items() if k[0] != key}
+                self._gathered.pop(key, None)
+        local = [i for i, r in enumerate(requests) if self._is_local(r)]
+        remote = [i for i in range(len(requests)) if i not in set(local)]
+        results = [None] * len(requests)
+        for i in local:
+            request = requests[i]
+            block = self._local_block(request.key, self._stage_of(request))
+            part = request.on_block(block, block.n_rows, request.indexes(), self.n_jobs)
+            results[i] = request.merge([part])
+        if remote:
+            for i, result in zip(
+                remote, self._serve_blocks([requests[i] for i in remote]), strict=True
+            ):
+                results[i] = result
+        return results
+
+    def _is_local(self, request):
+        """Whether a request runs here: a small stage's rows of one key."""
+        return (
+            request.single_key
+            and self.plan.rows[self._stage_of(request)] <= self.local_rows
+        )
+
+    def _stage_of(self, request):
+        """The stage a request reads (None: all rows, the last stage)."""
+        return len(self.plan.rows) - 1 if request.stage is None else request.stage
+
+    def _local_block(self, key, stage):
+        """The rows of ``stage`` that ``key`` sees, here.
+
+        The rows of the largest stage served here are gathered once (the
+        rows themselves, shared by every key of a column subset, or the
+        rows set for ``key``: a residual stage's targets); a smaller stage's
+        rows are the first rows of each chunk among them, since the chunks
+        keep their rows sorted by stage.
+        """
+        view_key = key if key in self._set_keys else None
+        block = self._local.get((view_key, stage))
+        if block is None:
+            if view_key is not None:  # one key's own rows at a time
+                self._local = {k: b for k, b in self._local.items() if k[0] is None}
+                self._gathered = {k: g for k, g in self._gathered.items() if k is None}
+            X, weights = self._gathered_rows(view_key)
+            rows = self._local_stage_rows(stage)
+            columns = None if view_key is not None else self.columns
+            block = RowBlock(X[rows], weights[rows], columns, holds_all=True)
+            self._local[view_key, stage] = block
+        return block
+
+    def _gathered_rows(self, view_key):
+        """The rows of the largest stage served here, in chunk order."""
+        found = self._gathered.get(view_key)
+        if found is None:
+            largest = max(
+                s for s, rows in enumerate(self.plan.rows) if rows <= self.local_rows
+            )
+            parts = self._gather(_stage_view, view_key, largest)
+            found = self._gathered[view_key] = (
+                np.concatenate([p[0] for p in parts]),
+                np.concatenate([p[1] for p in parts]),
+            )
+        return found
+
+    def _local_stage_rows(self, stage):
+        """Positions of ``stage``'s rows among the gathered ones."""
+        largest = max(
+            s for s, rows in enumerate(self.plan.rows) if rows <= self.local_rows
+        )
+        starts = np.cumsum([0] + [rows[largest] for rows in self.block_rows[:-1]])
+        return np.concatenate(
+            [
+                start + np.arange(rows[stage])
+                for start, rows in zip(starts, self.block_rows, strict=True)
+            ]
+        )
+
+    def _gather(self, function, *args):
+        """``function(block, *args)`` on every block, results in block order."""
+        if self._client is not None:
+            tasks = [
+                self._client.submit(
+                    _checked(function),
+                    future,
+                    generation,
+                    *args,
+                    workers=[holder],
+                    allow_other_workers=False,
+                    pure=False,
+                )
+                for future, holder, generation in zip(
+                    self._futures, self._holders, self._generations, strict=True
+                )
+            ]
+            self.n_tasks += len(tasks)
+            return self._results(tasks)
+        self.n_tasks += len(self.blocks)
+        return dask.compute(
+            [dask.delayed(_on_block_of(function))(b, *args) for b in self.blocks]
+        )[0]
+
+    def _serve_blocks(self, requests):
+        """The result of each request: one task per chunk concerned (or per
+        worker, with ``distributed``), merged."""
         detached = [request.detached() for request in requests]
         wanted = [
             [
@@ -320,6 +464,7 @@ class DaskSource:
             client.submit(
                 _serve_group,
                 [self._futures[k] for k in blocks],
+                [self._generations[k] for k in blocks],
                 [wanted[k] for k in blocks],
                 detached,
                 {
@@ -336,6 +481,9 @@ class DaskSource:
             for worker, blocks in groups.items()
         ]
         self.n_tasks += len(tasks)
+        for blocks in groups.values():
+            for k in blocks:
+                self._generations[k] += 1
         return _merge_parts(self._results(tasks), detached)
 
     def _results(self, tasks):
@@ -362,6 +510,23 @@ def _block_of(item):
     return item[0] if isinstance(item, tuple) else item
 
 
+def _on_block_of(function):
+    """``function`` applied to the block of a persisted item."""
+
+    def apply(item, *args):
+        return function(_block_of(item), *args)
+
+    return apply
+
+
+def _stage_view(block, key, stage):
+    """The rows of ``stage`` in a block (``key`` None: all the features, else
+    the rows ``key`` sees), and their weights."""
+    rows = block.rows_in(stage)
+    X = block.X if key is None else block.view(key)
+    return X[:rows], block.weights[:rows]
+
+
 def _parts_of(item):
     """``request -> parts``, from a (block, parts) pair or a merged node."""
     return item[1] if isinstance(item, tuple) else item
@@ -378,10 +543,33 @@ def _serve_block(item, requests, indexes):
     return block, parts
 
 
-def _serve_group(blocks, wanted, requests, indexes, n_jobs):
+def _check_generation(block, generation):
+    """Raise if ``block`` did not serve the ``generation`` requests it should
+    have: a copy, or a block rebuilt after its worker left."""
+    if getattr(block, "generation", 0) != generation:
+        raise RuntimeError(
+            "A chunk of the training data lost what training kept on it (its "
+            "Dask worker left, or it was copied to another worker); fit again."
+        )
+
+
+def _checked(function):
+    """``function(block, *args)`` after :func:`_check_generation`."""
+
+    def apply(block, generation, *args):
+        _check_generation(block, generation)
+        return function(block, *args)
+
+    return apply
+
+
+def _serve_group(blocks, generations, wanted, requests, indexes, n_jobs):
     """The merged parts of the blocks one worker holds (block ``k`` serves
     the requests ``wanted[k]``), computed on the worker's ``n_jobs``
-    threads."""
+    threads.  Each block must have served ``generations[k]`` requests."""
+    for block, generation in zip(blocks, generations, strict=True):
+        _check_generation(block, generation)
+        block.generation = generation + 1
     parts = {}
     for block, block_wanted in zip(blocks, wanted, strict=True):
         for i in block_wanted:

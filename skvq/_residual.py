@@ -204,6 +204,8 @@ class _StagesRequest(Request):
     states: tuple = field(default=(), compare=False, repr=False)
     beam_size: int = 1
 
+    single_key = False  # they read the rows themselves and every stage
+
     def indexes(self):
         return {s.version: s.index for s in self.states}
 
@@ -228,6 +230,9 @@ class _Paths:
 class AdvanceStages(_StagesRequest):
     """Extend the blocks' paths by the last of ``states`` (if any) and make
     the residual of each row's best path the rows of stage ``key``."""
+
+    def sets_rows_of(self):
+        return (self.key,)
 
     def on_block(self, block, rows, indexes, n_jobs):
         memory = block.extras.get("paths")
@@ -319,6 +324,9 @@ class StageStatistics(_StagesRequest):
 
     n_codes: int = 0
 
+    def sets_rows_of(self):
+        return (self.key,)
+
     def on_block(self, block, rows, indexes, n_jobs):
         codes = block.extras["codes"]
         stage_indexes = self.stage_indexes(indexes)
@@ -373,6 +381,9 @@ class JointStatistics(_StagesRequest):
 
     n_codes: int = 0
     cells: tuple = ()  # one tuple of cells per stage
+
+    def sets_rows_of(self):
+        return tuple(range(len(self.versions)))
 
     def on_block(self, block, rows, indexes, n_jobs):
         stage_indexes = self.stage_indexes(indexes)

@@ -191,6 +191,10 @@ class Request:
     key: int
     stage: int | None
 
+    # Whether the request reads only the rows of ``key`` (its view), so that
+    # a source may serve it from a copy of those rows alone.
+    single_key = True
+
     def indexes(self):
         """``version -> CodebookIndex`` that the blocks need."""
         return {}
@@ -198,6 +202,10 @@ class Request:
     def detached(self):
         """The request as it travels to the blocks."""
         return self
+
+    def sets_rows_of(self):
+        """Keys whose rows (views) the request replaces in the blocks."""
+        return ()
 
     def on_block(self, block, rows, indexes, n_jobs):
         """The part of the result from the first ``rows`` rows of ``block``."""
