@@ -170,9 +170,13 @@ class QuantizerBase(TransformerMixin, BaseEstimator):
             return self._checked_dask(X, reset=reset), sample_weight
         return self._validate_batch(X, sample_weight, reset=reset)
 
-    def _make_source(self, X, sample_weight, *, fit=False, unit=None, columns=None):
+    def _make_source(
+        self, X, sample_weight, *, fit=False, unit=None, columns=None, keep_rows=None
+    ):
         """The data source of a training call: the stages of a ``fit``, else
-        one batch; ``unit`` defaults to the one the data call for."""
+        one batch; ``unit`` defaults to the one the data call for.
+        ``keep_rows``: a batch whose blocks keep what requests set on them
+        from one request to the next (a Dask batch does not, by default)."""
         params = dict(
             n_jobs=self.n_jobs,
             batch_size=self.batch_size,
@@ -180,6 +184,7 @@ class QuantizerBase(TransformerMixin, BaseEstimator):
             fit=fit,
             unit=unit,
             columns=columns,
+            keep_rows=keep_rows,
         )
         if is_dask_array(X):
             from . import _dask

@@ -155,8 +155,10 @@ def dask_source(
     fit=False,
     unit=None,
     columns=None,
+    keep_rows=None,
 ):
-    """A :class:`DaskSource` over a checked Dask array.
+    """A :class:`DaskSource` over a checked Dask array (or, for a stream's
+    batch, a stateless :class:`DaskBatch` unless ``keep_rows``).
 
     The chunks are validated and persisted at once; for a ``fit``, each
     chunk's rows are sorted by stage (the stages of the NumPy schedule, see
@@ -169,6 +171,8 @@ def dask_source(
         if sample_weight is None
         else list(sample_weight.to_delayed().ravel())
     )
+    if not (fit or keep_rows):
+        return _batch_source(X, chunks, weights, batch_size, unit, columns)
     # Every task below reads one block: no block is ever copied to another
     # worker, so the in-place updates of training always reach the one copy.
     made = dask.persist(
@@ -216,6 +220,87 @@ def dask_source(
         local_rows,
         columns,
     )
+
+
+def _batch_source(X, chunks, weights, batch_size, unit, columns):
+    """A :class:`DaskBatch` (the first batch of a stream learns its unit)."""
+    if unit is None:
+        summaries = dask.compute(
+            [
+                dask.delayed(_chunk_summary)(chunk, w)
+                for chunk, w in zip(chunks, weights, strict=True)
+            ]
+        )[0]
+        summary = summaries[0]
+        for other in summaries[1:]:
+            summary = summary + other
+        if not summary.weight > 0:
+            raise ValueError(
+                "Sample weights must contain at least one non-zero number."
+            )
+        unit = unit_for(summary.max_abs, X.dtype)
+    n_rows = int(np.sum(X.chunks[0]))
+    plan = StagePlan((n_rows,), min(batch_size, n_rows))
+    return DaskBatch(chunks, weights, plan, unit, X.dtype, X.shape[1], columns)
+
+
+def _chunk_summary(chunk, weights):
+    chunk, weights = _validated_chunk(chunk, weights)
+    return _Summary(float(weights.sum()), max_abs(chunk))
+
+
+class DaskBatch:
+    """A stream's batch on Dask: each call of :meth:`serve` is one graph
+    over the user's chunks (validate, serve the requests, tree-merge the
+    parts), computed at once; nothing is persisted, so the per-row memory
+    of a request does not outlive its call (a request that needs a step's
+    assignment searches again)."""
+
+    def __init__(self, chunks, weights, plan, unit, dtype, n_features, columns):
+        self.chunks = chunks
+        self.weights = weights
+        self.plan = plan
+        self.unit = unit
+        self.dtype = np.dtype(dtype)
+        self.n_features = n_features
+        self.columns = columns
+        self._session = uuid.uuid4().hex
+        self.n_tasks = 0
+
+    def serve(self, requests):
+        """The result of each request, in order."""
+        indexes = {}
+        for request in requests:
+            for version, index in request.indexes().items():
+                indexes[version] = dask.delayed(
+                    index, name=f"skvq-index-{self._session}-{version}"
+                )
+        detached = [request.detached() for request in requests]
+        level = [
+            dask.delayed(_batch_parts)(
+                chunk, w, self.columns, self.unit, detached, indexes
+            )
+            for chunk, w in zip(self.chunks, self.weights, strict=True)
+        ]
+        self.n_tasks += len(level)
+        while len(level) > 1:
+            level = [
+                dask.delayed(_merge_parts)(level[i : i + FAN_IN], detached)
+                for i in range(0, len(level), FAN_IN)
+            ]
+            self.n_tasks += len(level)
+        merged = dask.compute(level[0])[0]
+        return [request.merge(merged[i]) for i, request in enumerate(requests)]
+
+
+def _batch_parts(chunk, weights, columns, unit, requests, indexes):
+    """One chunk's parts of every request."""
+    chunk, weights = _validated_chunk(chunk, weights)
+    block = RowBlock(to_internal(np.ascontiguousarray(chunk), unit), weights, columns)
+    return {
+        i: [request.on_block(block, block.n_rows, indexes, 1)]
+        for i, request in enumerate(requests)
+    }
 
 
 def _distributed_client():

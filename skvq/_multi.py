@@ -784,7 +784,9 @@ class ResidualVQTransformer(_MultiCodebookQuantizer):
             first = not self.__sklearn_is_fitted__()
             X, sample_weight = self._training_input(X, sample_weight, reset=first)
             unit = None if first else self._states[0].unit
-            source = self._make_source(X, sample_weight, unit=unit)
+            # The first call initialises stage after stage on the residuals it
+            # leaves in the blocks: they must keep them.
+            source = self._make_source(X, sample_weight, unit=unit, keep_rows=first)
             if first:
                 rngs = self._seeds(check_random_state(self.random_state), self.n_stages)
                 training = ResidualTraining(config, source, self.beam_size, rngs)

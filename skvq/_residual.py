@@ -33,12 +33,14 @@ from scipy import linalg, sparse
 
 from ._kernels import COUNT_FLOOR, assignment_statistics
 from ._relocation import MIN_SPLIT_ROWS, cell_members, merge_members
+from ._rows import WeightedRows, canonical_sample
 from ._schedule import (
     FitSchedule,
     full_update,
     initial_state,
     split_candidates,
-    stream_update,
+    stream_apply,
+    stream_finish,
 )
 from ._sources import Request, StepResult
 
@@ -51,6 +53,8 @@ REFINE_RTOL = 1e-3
 JOINT_SOLVE_MAX = 4096
 # Scores of one block of beam extensions (rows x paths x codes).
 _BEAM_BLOCK_ELEMENTS = 2**21
+# What a greedy stage returns for the errors, computed only when needed.
+_GREEDY = None
 
 
 # ------------------------------------------------------------ beam search
@@ -62,7 +66,8 @@ def beam_search(X, indexes, beam_size, n_jobs=None):
     (greedy); otherwise the ``beam_size`` partial reconstructions of lowest
     squared error are kept for every row from stage to stage, and the best
     complete one wins.  ``indexes`` holds each stage's
-    :class:`~skvq._search.CodebookIndex`.
+    :class:`~skvq._search.CodebookIndex`.  Rows go through all the stages in
+    blocks, each keeping its paths' residuals (float64) from stage to stage.
 
     Returns
     -------
@@ -70,10 +75,20 @@ def beam_search(X, indexes, beam_size, n_jobs=None):
     sq_err : ndarray of shape (n_samples,), float64
         Squared norm of what the codes leave of each row.
     """
-    paths, sq_err = None, None
-    for s, index in enumerate(indexes):
-        paths, sq_err = extend_beams(X, paths, indexes[:s], index, beam_size, n_jobs)
-    return paths[:, 0], sq_err[:, 0]
+    n_rows, n_features = X.shape
+    codes = np.empty((n_rows, len(indexes)), dtype=np.intp)
+    sq_err = np.empty(n_rows)
+    block = max(1, _BEAM_BLOCK_ELEMENTS // (beam_size * max(1, n_features)))
+    for start in range(0, n_rows, block):
+        rows = slice(start, start + block)
+        residual = X[rows].astype(np.float64)[:, None, :]
+        paths = np.zeros((residual.shape[0], 1, 0), dtype=np.intp)
+        for index in indexes:
+            paths, residual, err = _extend(paths, residual, index, beam_size, n_jobs)
+        if err is _GREEDY:
+            err = np.einsum("ijk,ijk->ij", residual, residual)
+        codes[rows], sq_err[rows] = paths[:, 0], err[:, 0]
+    return codes, sq_err
 
 
 def residuals(X, paths, indexes):
@@ -96,7 +111,8 @@ def extend_beams(X, paths, indexes, index, beam_size, n_jobs=None):
     kept encodings by the stages of ``indexes`` (None before the first
     stage); every path is extended by its ``beam_size`` nearest codes of
     ``index`` and the ``beam_size`` extensions of lowest squared error are
-    kept, best first, ties to the lowest (path, code).
+    kept, best first, ties to the lowest (path, code).  The paths' residuals
+    are computed again from ``X``, in blocks of rows.
 
     Returns
     -------
@@ -108,33 +124,54 @@ def extend_beams(X, paths, indexes, index, beam_size, n_jobs=None):
     if paths is None:
         paths = np.zeros((n_rows, 1, 0), dtype=np.intp)
     n_paths = paths.shape[1]
-    k = min(beam_size, index.codes64.shape[0])
-    keep = min(beam_size, n_paths * k)
+    keep = min(beam_size, n_paths * min(beam_size, index.codes64.shape[0]))
     block = max(1, _BEAM_BLOCK_ELEMENTS // (n_paths * max(1, X.shape[1])))
     new_paths = np.empty((n_rows, keep, paths.shape[2] + 1), dtype=np.intp)
     sq_err = np.empty((n_rows, keep))
     for start in range(0, n_rows, block):
         rows = slice(start, start + block)
         residual = residuals(X[rows], paths[rows], indexes)
-        n_block = residual.shape[0]
-        flat = residual.reshape(n_block * n_paths, -1)
-        if k == 1:
-            codes, sq = index.nearest(flat, n_jobs=n_jobs, return_sq_dist=True)
-            codes, sq = codes[:, None], sq[:, None]
-        else:
-            codes, sq = index.nearest_k(flat, k, n_jobs=n_jobs)
-        # Candidates of a row, path by path, each path's nearest first: a
-        # stable sort keeps the lowest (path, code) among equal errors.
-        sq = sq.reshape(n_block, n_paths * k)
-        codes = codes.reshape(n_block, n_paths * k)
-        top = np.argsort(sq, axis=1, kind="stable")[:, :keep]
-        arange = np.arange(n_block)[:, None]
-        parent = top // k
-        new_paths[rows] = np.concatenate(
-            [paths[rows][arange, parent], codes[arange, top][:, :, None]], axis=2
+        new_paths[rows], residual, err = _extend(
+            paths[rows], residual, index, beam_size, n_jobs
         )
-        sq_err[rows] = sq[arange, top]
+        if err is _GREEDY:
+            err = np.einsum("ijk,ijk->ij", residual, residual)
+        sq_err[rows] = err
     return new_paths, sq_err
+
+
+def _extend(paths, residual, index, beam_size, n_jobs):
+    """One stage of beam search on a block: the kept paths, their residuals
+    and squared errors after the stage (best first, ties to the lowest
+    (path, code)); a greedy stage (one path, one code) updates the residuals
+    in place and leaves the errors to the caller (``_GREEDY``)."""
+    n_rows, n_paths, n_features = residual.shape
+    flat = residual.reshape(n_rows * n_paths, n_features)
+    k = min(beam_size, index.codes64.shape[0])
+    if k == 1:
+        found = index.nearest(flat, n_jobs=n_jobs)[0]
+        if n_paths == 1:  # greedy: no ranking to do
+            residual -= _vectors(index)[found][:, None, :]
+            paths = np.concatenate([paths, found[:, None, None]], axis=2)
+            return paths, residual, _GREEDY
+        codes = found[:, None]
+        sq = np.einsum(
+            "ij,ij->i", flat - _vectors(index)[found], flat - _vectors(index)[found]
+        )[:, None]
+    else:
+        codes, sq = index.nearest_k(flat, k, n_jobs=n_jobs)
+    # Candidates of a row, path by path, each path's nearest first: a stable
+    # sort keeps the lowest (path, code) among equal errors.
+    keep = min(beam_size, n_paths * k)
+    sq = sq.reshape(n_rows, n_paths * k)
+    codes = codes.reshape(n_rows, n_paths * k)
+    top = np.argsort(sq, axis=1, kind="stable")[:, :keep]
+    arange = np.arange(n_rows)[:, None]
+    parent = top // k
+    chosen = codes[arange, top]
+    new_paths = np.concatenate([paths[arange, parent], chosen[:, :, None]], axis=2)
+    new_residual = residual[arange, parent] - _vectors(index)[chosen]
+    return new_paths, new_residual, sq[arange, top]
 
 
 def decode(indexes, codes, dtype=np.float64):
@@ -571,17 +608,98 @@ class ResidualTraining:
 
 def joint_step(config, states, beam_size):
     """A stream's step: one joint encoding of the batch, then an EMA step and
-    the upkeep of every stage (a generator returning the new states)."""
+    the upkeep of every stage (a generator returning the new states); the
+    pools of the stages whose codes died come from one request."""
+    versions = tuple(s.version for s in states)
     results = yield JointStatistics(
         0,
         None,
-        tuple(s.version for s in states),
+        versions,
         tuple(states),
         beam_size,
         config.n_codes,
         tuple(split_candidates(s, config) for s in states),
     )
-    new = []
-    for s, (state, result) in enumerate(zip(states, results, strict=True)):
-        new.append((yield from stream_update(config, state, result, key=s)))
-    return tuple(new)
+    updates = [
+        stream_apply(config, state, result)
+        for state, result in zip(states, results, strict=True)
+    ]
+    dying = tuple(s for s, (_, dead, _) in enumerate(updates) if dead.any())
+    pools = {}
+    if dying:
+        pools = yield JointPool(
+            0, None, versions, tuple(states), beam_size, config.init_rows, dying
+        )
+    return tuple(
+        stream_finish(config, new, dead, mean_count, pools.get(s), result)
+        for s, ((new, dead, mean_count), result) in enumerate(
+            zip(updates, results, strict=True)
+        )
+    )
+
+
+@dataclass(frozen=True)
+class JointPool(_StagesRequest):
+    """The rows a stream's dead codes of each of ``stages`` are re-seeded
+    from: what that stage should reproduce of the batch's ``max_rows``
+    distinct rows of lowest priority (a canonical subset of the rows
+    themselves), under the step's joint encoding by ``states``, with their
+    squared distances.  Answers ``stage -> pool``."""
+
+    max_rows: int = 0
+    stages: tuple = ()
+
+    def on_block(self, block, rows, indexes, n_jobs):
+        X, weights = block.X[:rows], block.weights[:rows]
+        chosen = canonical_sample(X, weights, max_rows=self.max_rows)
+        stage_indexes = self.stage_indexes(indexes)
+        points = chosen.points.astype(X.dtype)
+        codes, _ = beam_search(points, stage_indexes, self.beam_size, n_jobs)
+        decoded = decode(stage_indexes, codes)
+        targets = {}
+        for s in self.stages:
+            own = _vectors(stage_indexes[s])[codes[:, s]]
+            target = points.astype(np.float64) - decoded + own
+            diff = target - own
+            targets[s] = (target, np.einsum("ij,ij->i", diff, diff))
+        return _StagePools(chosen, targets)
+
+    def merge(self, parts):
+        parts = [p for p in parts if p.rows.n_rows]
+        offsets = np.cumsum([0] + [p.rows.n_rows for p in parts[:-1]])
+        merged = canonical_sample(
+            np.concatenate([p.rows.points for p in parts]),
+            np.concatenate([p.rows.weights for p in parts]),
+            np.concatenate(
+                [
+                    o + np.arange(p.rows.n_rows)
+                    for o, p in zip(offsets, parts, strict=True)
+                ]
+            ),
+            self.max_rows,
+        )
+        targets = {
+            s: tuple(
+                np.concatenate([p.targets[s][j] for p in parts])[merged.values]
+                for j in (0, 1)
+            )
+            for s in self.stages
+        }
+        return _StagePools(WeightedRows(merged.points, merged.weights), targets)
+
+
+@dataclass(frozen=True)
+class _StagePools:
+    """A :class:`JointPool` (or a block's part of one): the chosen rows and
+    each stage's targets of them (equal rows have equal targets, so parts
+    merge by rows).  ``get(stage)`` is that stage's pool, as re-seeding
+    reads rows: targets, weights and squared distances."""
+
+    rows: WeightedRows
+    targets: dict  # stage -> (target rows, squared distances)
+
+    def get(self, stage):
+        if stage not in self.targets:
+            return None
+        target, sq_dist = self.targets[stage]
+        return WeightedRows(target, self.rows.weights, sq_dist)

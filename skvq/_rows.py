@@ -37,6 +37,9 @@ import numpy as np
 _PRIORITY_SPREAD = 2.0**20
 # Rows per block of a projection (bounds its temporary).
 _PROJECTION_ROWS = 4096
+# A capped sample of many rows first keeps the rows of this many times the
+# cap's lowest priorities (the rows it can keep, duplicates aside).
+_PRESELECT_FACTOR = 4
 
 
 @lru_cache(maxsize=16)
@@ -227,6 +230,25 @@ def canonical_sample(X, sample_weight, values=None, max_rows=None):
     if not keep.all():
         X, sample_weight = X[keep], sample_weight[keep]
         values = None if values is None else values[keep]
+    if max_rows is not None and X.shape[0] > _PRESELECT_FACTOR * max_rows:
+        # Only rows among the lowest priorities can be kept: group those
+        # alone when they hold enough distinct rows (the result is the same).
+        priority = row_priority(X)
+        cut = _PRESELECT_FACTOR * max_rows
+        candidates = priority <= np.partition(priority, cut)[cut]
+        sample = _grouped_sample(
+            X[candidates],
+            sample_weight[candidates],
+            None if values is None else values[candidates],
+            max_rows,
+        )
+        if sample.n_rows == max_rows:
+            return sample
+    return _grouped_sample(X, sample_weight, values, max_rows)
+
+
+def _grouped_sample(X, sample_weight, values, max_rows):
+    """:func:`canonical_sample` of rows of positive weight, by grouping them all."""
     rows, first, inverse = group_rows(X)
     points = rows[first]
     weights = np.bincount(inverse, weights=sample_weight, minlength=points.shape[0])

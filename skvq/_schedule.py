@@ -221,9 +221,21 @@ def stream_update(config, state, result, key=0, momentum=None):
     """The upkeep half of :func:`stream_step`, from the step's
     :class:`~skvq._sources.StepResult` (a generator returning the new state).
 
-    The residual quantiser steps all its stages from one joint request and
-    updates each through here.
+    It is :func:`stream_apply`, then (when codes died) a
+    :class:`~skvq._sources.ReseedPool` of ``key``'s rows, then
+    :func:`stream_finish`; the residual quantiser runs the same pieces for
+    all its stages with one request for their pools.
     """
+    new, dead, mean_count = stream_apply(config, state, result, momentum)
+    pool = None
+    if dead.any():
+        pool = yield ReseedPool.of(state, key, None, config.init_rows)
+    return stream_finish(config, new, dead, mean_count, pool, result)
+
+
+def stream_apply(config, state, result, momentum=None):
+    """The EMA step of a stream on a step's result; returns the new state,
+    its dead codes and the count they would restart with."""
     if momentum is None:
         momentum = config.ema_momentum
     stats = result.stats
@@ -231,11 +243,15 @@ def stream_update(config, state, result, key=0, momentum=None):
         raise ValueError("Sample weights must contain at least one non-zero number.")
     new = state.apply(stats, momentum)
     dead, mean_count = dead_codes(new, state, config)
-    pool = None
-    if dead.any():
-        pool = yield ReseedPool.of(state, key, None, config.init_rows)
+    return new, dead, mean_count
+
+
+def stream_finish(config, new, dead, mean_count, pool, result):
+    """After :func:`stream_apply`: re-seed the dead codes from ``pool``, then
+    relocate into the candidate cells of ``result`` whose split gains more
+    than ``STREAM_MIN_RATIO`` times the merge cost."""
     new = reseed(new, dead, mean_count, pool)
-    splits = split_rows(result.members or {}, stats.counts)
+    splits = split_rows(result.members or {}, result.stats.counts)
     if splits:
         by_distortion = np.argsort(new.distortions, kind="stable")
         movable = by_distortion[~dead[by_distortion]][: 4 * len(splits)]

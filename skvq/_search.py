@@ -185,6 +185,30 @@ def _exact_ranked(X, codes64, rows, cols, k):
     return cols[keep].reshape(n_rows, k), sq[keep].reshape(n_rows, k)
 
 
+def _exact_ranked_rows(X, codes64, candidates, magnitude):
+    """:func:`_exact_ranked` when every row has exactly its ``k`` candidates
+    (``candidates`` of shape (n_rows, k)): a regular computation.
+
+    ``magnitude`` bounds the entries of ``X`` and of the codes.  Returns the
+    candidates ranked by exact float64 squared distance (ties to the lowest
+    index) and those distances.
+    """
+    candidates = np.sort(candidates, axis=1)  # so that stable ties go lowest
+    left = X.astype(np.float64)
+    scale = power_of_two_scale(magnitude, _SAFE_EXPONENT[np.dtype(np.float64)])
+    right = codes64[candidates]
+    if scale != 1.0:
+        left *= scale
+        right *= scale
+    right -= left[:, None, :]
+    sq = unscaled_sq(np.einsum("ijk,ijk->ij", right, right), scale)
+    order = np.argsort(sq, axis=1, kind="stable")
+    return (
+        np.take_along_axis(candidates, order, axis=1),
+        np.take_along_axis(sq, order, axis=1),
+    )
+
+
 _SCRATCH = threading.local()
 
 
@@ -353,6 +377,7 @@ class CodebookIndex:
         self.codes64 = distinct.astype(np.float64)
         n_distinct = max(1, self.codes64.shape[0])
         self._center = center = np.einsum("ij->j", self.codes64) / n_distinct
+        self._codes_max = float(np.abs(self.codes64).max(initial=0.0))
         spread = float(np.abs(self.codes64 - center).max(initial=0.0))
         if not spread > 0:
             spread = float(np.abs(center).max(initial=0.0))
@@ -612,14 +637,47 @@ class CodebookIndex:
             scores, centred = prep.scores(X)
             margin, x_sq = prep.margin(centred)
             far = prep.far_rows(x_sq)
-            kth = np.partition(scores, k - 1, axis=1)[:, k - 1]
+            # The k best scores, one argmin pass each (the winners are then
+            # masked): for a few codes of many, cheaper than a partition.
+            flat = scores.reshape(-1)
+            offsets = np.arange(0, n_rows * n_codes, n_codes)
+            best = np.empty((n_rows, k), dtype=np.intp)
+            for j in range(k):
+                best[:, j] = scores.argmin(axis=1)
+                if j == k - 1:
+                    kth = flat.take(best[:, j] + offsets)
+                flat.put(best[:, j] + offsets, np.inf)
             # Every true k-th nearest code scores within the margin of the
-            # computed k-th smallest score.
-            near = scores <= (kth + margin)[:, None]
+            # computed k-th smallest score: a row whose other codes all lie
+            # beyond it has its k nearest among ``best``.
+            threshold = kth + margin
+            n_near = k + np.count_nonzero(scores <= threshold[:, None], axis=1)
+        unsure = n_near > k
         if far is not None:
-            near[far] = True
-        rows, cols = np.nonzero(near)
-        return _exact_ranked(X, self.codes64, rows, cols, k)
+            unsure |= far
+        labels = np.empty((n_rows, k), dtype=np.intp)
+        sq_dist = np.empty((n_rows, k))
+        sure = np.flatnonzero(~unsure)
+        # Entries of these rows are bounded by their centred norms plus the
+        # centre (working units: divided by the index's scale).
+        magnitude = float(np.sqrt(x_sq[sure].max(initial=0.0))) / prep.scale
+        magnitude += float(np.abs(self._center).max(initial=0.0))
+        magnitude = max(magnitude, self._codes_max)
+        labels[sure], sq_dist[sure] = _exact_ranked_rows(
+            X[sure], self.codes64, best[sure], magnitude
+        )
+        unsure = np.flatnonzero(unsure)
+        if unsure.size:
+            # The masked winners and the codes within the margin.
+            near = scores[unsure] <= threshold[unsure, None]
+            near[np.arange(unsure.size)[:, None], best[unsure]] = True
+            if far is not None:
+                near[far[unsure]] = True
+            rows, cols = np.nonzero(near)
+            labels[unsure], sq_dist[unsure] = _exact_ranked(
+                X[unsure], self.codes64, rows, cols, k
+            )
+        return labels, sq_dist
 
     def _kd_ranked(self, X, k, n_threads):
         n_rows, n_codes = X.shape[0], self.codes64.shape[0]

@@ -402,8 +402,10 @@ def in_memory_source(
     fit=False,
     unit=None,
     columns=None,
+    keep_rows=None,
 ):
-    """An :class:`InMemorySource` over validated ``X``.
+    """An :class:`InMemorySource` over validated ``X`` (its rows are always
+    kept: ``keep_rows`` is for the Dask sources).
 
     For a ``fit``, the rows are copied sorted by stage (see the
     module docstring); otherwise one stage holds the rows as they are (a
