@@ -134,11 +134,11 @@ def bench_encode(n_samples, n_codes, repeat):
 
 def floor_case(n_samples, n_features, n_codes, repeat):
     """One thread: skvq's brute search against the bare product, same blocks."""
-    from skvq._search import _BLOCK_ELEMENTS, _CodebookIndex
+    from skvq._search import _BLOCK_ELEMENTS, CodebookIndex
 
     X = mixture(n_samples, n_features)
     codes = fitted_codebook(X[:20_000], n_codes).codebook_
-    index = _CodebookIndex(codes, "brute")
+    index = CodebookIndex(codes, "brute")
     block = max(16, _BLOCK_ELEMENTS // n_codes)
     product = np.ascontiguousarray(codes.T)
     out = np.empty((block, n_codes), dtype=np.float32)
@@ -327,6 +327,9 @@ def bench_memory(n_samples, n_codes, working_memory):
     X = mixture(n_samples, 64)
     vqt = fitted_codebook(X[:20_000], n_codes)
     full = n_samples * n_codes * X.itemsize
+    # The first call builds the code book's search structure, which the
+    # fitted estimator keeps: measure the calls after it.
+    vqt.predict(X[:1])
     tracemalloc.start()
     with sklearn.config_context(working_memory=working_memory):
         for n_jobs in (None, -1):

@@ -1,19 +1,26 @@
 """
-======================================
-Out-of-core fit and encoding with Dask
-======================================
+=======================================
+Fit, stream and encode with Dask arrays
+=======================================
 
-When the data do not fit in memory, give :class:`skvq.VQCodebookTransformer`
-a Dask array.  Each EMA step is then a reduction: every chunk of the batch is
-assigned to its nearest codes and summed where it lives, and only the
-``n_codes x n_features`` statistics travel to the client, which applies the
-update.  Encoding is lazy and runs chunk by chunk.
+Give :class:`skvq.VQCodebookTransformer` a Dask array and each step becomes a
+reduction: every chunk is assigned to its nearest codes and summed where it
+lives, and only the ``n_codes x n_features`` statistics travel to the
+client, which applies the update.
+
+- ``fit`` keeps the chunks where they are computed (the workers' memory on a
+  cluster), each with the distance bounds of its rows, and runs the NumPy
+  schedule on exactly the same stages of rows: the fit is the NumPy fit, to
+  the rounding of the sums.
+- ``partial_fit`` keeps nothing: each call is one pass over its batch's
+  chunks.  Streaming slices of an array larger than memory through it is
+  the out-of-core way.
+- Encoding is lazy and runs chunk by chunk.
 
 Here two million points are written to a ``.npy`` file on disk and read
-through a memory map, 100,000 rows per chunk, so that no step ever holds more
-than a few chunks in memory.  The threaded scheduler runs the chunks; to use
-a cluster of machines instead, connect a client before fitting, and the very
-same code runs there::
+through a memory map, 100,000 rows per chunk.  The threaded scheduler runs
+the chunks; to use a cluster of machines instead, connect a client before
+fitting, and the very same code runs there::
 
     from distributed import Client
     client = Client("tcp://scheduler-address:8786")
@@ -59,17 +66,34 @@ X = da.from_array(np.load(path, mmap_mode="r"), chunks=(chunk, 2))
 print(X)
 
 # %%
-# Fit out of core
-# ---------------
-# Each step of ``fit`` is a reduction over the chunks of its stage, read
-# where they lie; only the per-code statistics travel.  With batches of
-# 200,000 rows, the first stage (32 batches) already covers the 2,000,000
-# rows, so every step is a Lloyd iteration over all the chunks.  The
-# initialisation reads a bounded random sample of rows, never the whole array.
-vq = VQCodebookTransformer(n_codes=48, batch_size=200_000, max_iter=8, random_state=0)
+# Fit: the NumPy fit, chunk by chunk
+# ----------------------------------
+# Each full step of ``fit`` is a reduction over the chunks, whose rows are
+# assigned to the schedule's stages by a hash of their values: the same
+# rows as in a NumPy fit.  The small first stages are gathered and stepped
+# in this process, where a step costs no round trip.
+vq = VQCodebookTransformer(n_codes=48, max_iter=30, random_state=0)
 start = perf_counter()
 vq.fit(X)
-print(f"fit: {vq.n_iter_} steps in {perf_counter() - start:.1f} s")
+print(f"Dask fit: {vq.n_iter_} steps in {perf_counter() - start:.1f} s")
+in_memory = VQCodebookTransformer(n_codes=48, max_iter=30, random_state=0)
+in_memory.fit(X.compute())
+print(
+    "largest difference from the NumPy fit's code book: "
+    f"{np.abs(vq.codebook_ - in_memory.codebook_).max():.1e}"
+)
+
+# %%
+# Stream out of core
+# ------------------
+# ``partial_fit`` on a Dask array is one EMA step over the whole array as a
+# batch, read chunk by chunk and kept nowhere.  Slices of an array too large
+# for memory make a stream: here ten steps of 200,000 rows continue the
+# fitted code book at ``ema_momentum=0.9``.
+vq.set_params(ema_momentum=0.9)
+for start_row in range(0, n_rows, 200_000):
+    vq.partial_fit(X[start_row : start_row + 200_000])
+print(f"after the stream: {vq.n_steps_} EMA steps in all")
 
 # %%
 # Encode lazily

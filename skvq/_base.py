@@ -209,6 +209,46 @@ class QuantizerBase(TransformerMixin, BaseEstimator):
             self.__dict__.pop("feature_names_in_", None)
         return X
 
+    def _lazy_input(self, X):
+        check_is_fitted(self)
+        return self._checked_dask(X, reset=False)
+
+    # ------------------------------------------------------------ scoring
+    def score(self, X, y=None, sample_weight=None):
+        """Minus the weighted mean squared reconstruction error of ``X``.
+
+        The reconstruction of a sample is its decoded encoding (for
+        :class:`~skvq.VQCodebookTransformer`, its nearest code vector).
+        Higher is better, as :class:`~sklearn.model_selection.GridSearchCV`
+        expects.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Data to score.
+
+        y : Ignored
+            Not used, present here for API consistency by convention.
+
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weights of the samples; ``None`` weights all equally.
+
+        Returns
+        -------
+        score : float
+            ``-sum(w_i * ||x_i - decode(encode(x_i))||^2) / sum(w_i)``.  A
+            lazy 0-d Dask array when ``X`` is one.  Raises an
+            ``OverflowError`` when the mean exceeds float64's range.
+        """
+        if is_dask_array(X):
+            from . import _dask
+
+            X = self._lazy_input(X)
+            return _dask.lazy_score(X, sample_weight, self._sq_errors)
+        X = self._validated_query(X)
+        sample_weight = checked_weights(sample_weight, X)
+        return -mean_sq_error(self._sq_errors(X), sample_weight)
+
     # -------------------------------------------------------------- misc
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -12,12 +12,11 @@ from ._base import (
     DEFAULT_DEAD_CODE_THRESHOLD,
     QuantizerBase,
     is_dask_array,
-    mean_sq_error,
     onehot,
 )
 from ._schedule import FitSchedule, run, start_stream, stream_step
 from ._threads import blas_held
-from ._validation import checked_code_values, checked_weights
+from ._validation import checked_code_values
 
 
 class VQCodebookTransformer(QuantizerBase):
@@ -157,9 +156,9 @@ class VQCodebookTransformer(QuantizerBase):
         threads are safe.
 
     random_state : int, RandomState instance or None, default=None
-        Determines the initialisation, the order of the rows in the stages
-        of :meth:`fit` and the draws of re-seeding.  Pass an int for
-        reproducible results (the same whatever the threads).
+        Determines the draws of the initialisation and of re-seeding (the
+        stages of :meth:`fit` follow from the rows' values).  Pass an int for
+        reproducible results (the same whatever the threads or the chunks).
 
     verbose : int, default=0
         Verbosity: ``1`` prints one line per step of :meth:`fit` (stage and
@@ -259,7 +258,7 @@ class VQCodebookTransformer(QuantizerBase):
     infinite only where their values exceed float64.
 
     :meth:`fit` runs Lloyd iterations (EMA steps at momentum 0 on whole
-    stages) on nested, doubling prefixes of the shuffled rows [4]_, with
+    stages) on nested, doubling subsets of the rows [4]_, with
     rigorous distance bounds that spare the search of rows that certainly
     keep their code [5]_, and relocation rounds that move codes out of the
     local minimum Lloyd's algorithm stops in [6]_; :meth:`partial_fit` is the
@@ -355,9 +354,10 @@ class VQCodebookTransformer(QuantizerBase):
         """Learn the code book from scratch, at k-means quality.
 
         Discards any previous state.  When ``X`` has more rows than
-        ``batch_size``, shuffles its rows once and works on doubling prefixes
-        of them (stages), the first of ``32 * batch_size`` rows, the last all
-        of ``X``; initialises the code book from the first stage, then makes
+        ``batch_size``, works on nested, doubling subsets of its rows
+        (stages; a row's stage follows from a hash of its values), the first
+        of about ``32 * batch_size`` rows, the last all of ``X``; initialises
+        the code book from the first stage, then makes
         EMA steps at momentum 0 on each whole stage (each a Lloyd iteration),
         at most 6 per stage before the last, until the stopping rules of
         ``tol`` and ``max_no_improvement``, or ``max_iter`` steps in all.
@@ -371,8 +371,9 @@ class VQCodebookTransformer(QuantizerBase):
         ----------
         X : array-like or Dask array of shape (n_samples, n_features)
             Training data.  A Dask array is processed chunk by chunk where it
-            lives: the chunks, in one random order, are the unit of the
-            stages, and each step is a reduction of per-chunk statistics.
+            lives, on the same stages of rows: each step is a reduction of
+            per-chunk statistics, and the fit equals the NumPy fit to the
+            rounding of the sums.
 
         y : Ignored
             Not used, present here for API consistency by convention.
@@ -574,10 +575,6 @@ class VQCodebookTransformer(QuantizerBase):
             return encoded.toarray()
         return encoded
 
-    def _lazy_input(self, X):
-        check_is_fitted(self)
-        return self._checked_dask(X, reset=False)
-
     def inverse_transform(self, X):
         """Decode: the code vector of each encoded sample.
 
@@ -659,39 +656,6 @@ class VQCodebookTransformer(QuantizerBase):
             )
         return np.asarray(codes, dtype=np.intp)
 
-    def score(self, X, y=None, sample_weight=None):
-        """Return minus the weighted mean squared distance of X to its nearest codes.
-
-        Higher is better, as :class:`~sklearn.model_selection.GridSearchCV`
-        expects.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-            Data to score.
-
-        y : Ignored
-            Not used, present here for API consistency by convention.
-
-        sample_weight : array-like of shape (n_samples,), default=None
-            Non-negative weights of the samples; ``None`` weights all equally.
-
-        Returns
-        -------
-        score : float
-            ``-sum(w_i * ||x_i - c(x_i)||^2) / sum(w_i)``.  A lazy 0-d Dask
-            array when ``X`` is one.  Raises an ``OverflowError`` when the
-            mean exceeds float64's range.
-        """
-        if is_dask_array(X):
-            from . import _dask
-
-            X = self._lazy_input(X)
-            return _dask.lazy_score(X, sample_weight, self._sq_errors)
-        X = self._validated_query(X)
-        sample_weight = checked_weights(sample_weight, X)
-        return -mean_sq_error(self._sq_errors(X), sample_weight)
-
     def _sq_errors(self, X):
         """Squared distance of each row of validated ``X`` to its code."""
         return self._index().nearest(X, n_jobs=self.n_jobs, return_sq_dist=True)[1]
@@ -720,12 +684,3 @@ class VQCodebookTransformer(QuantizerBase):
         return np.asarray(
             [f"{prefix}_{kind}{k}" for k in range(self.n_codes)], dtype=object
         )
-
-
-def fitted_codebook(state, params):
-    """A fitted :class:`VQCodebookTransformer` over a code book state, with
-    ``params``: how a multi-codebook estimator shows one of its code books."""
-    quantizer = VQCodebookTransformer(**params)
-    quantizer._states = (state,)
-    quantizer.n_features_in_ = state.codes.shape[1]
-    return quantizer

@@ -21,16 +21,15 @@ from ._base import (
     DEFAULT_DEAD_CODE_THRESHOLD,
     QuantizerBase,
     is_dask_array,
-    mean_sq_error,
     onehot,
 )
-from ._codebook import fitted_codebook
 from ._residual import ResidualTraining, beam_search, joint_step
 from ._rows import canonical_sample
 from ._schedule import FitSchedule, drive, run, start_stream, stream_step
 from ._sources import to_internal
+from ._state import CodebookView
 from ._threads import blas_held
-from ._validation import checked_code_values, checked_weights
+from ._validation import checked_code_values
 
 
 class _MultiCodebookQuantizer(QuantizerBase):
@@ -70,15 +69,11 @@ class _MultiCodebookQuantizer(QuantizerBase):
 
     @property
     def quantizers_(self):
-        """list of VQCodebookTransformer: read-only views of the code books."""
-        params = {k: v for k, v in self.get_params().items() if k in _SHARED_PARAMETERS}
-        return [fitted_codebook(state, params) for state in self._fitted_states()]
+        """list of CodebookView: each code book's fitted attributes, named as
+        :class:`VQCodebookTransformer` names them (read-only)."""
+        return [CodebookView(state) for state in self._fitted_states()]
 
     # ---------------------------------------------------------- encoding
-    def _lazy_input(self, X):
-        check_is_fitted(self)
-        return self._checked_dask(X, reset=False)
-
     def transform(self, X):
         """Encode each sample by one code per code book.
 
@@ -208,36 +203,6 @@ class _MultiCodebookQuantizer(QuantizerBase):
             )
         return checked_code_values(codes, self.n_codes)
 
-    def score(self, X, y=None, sample_weight=None):
-        """Minus the weighted mean squared reconstruction error.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-            Data to score.
-
-        y : Ignored
-            Not used, present here for API consistency by convention.
-
-        sample_weight : array-like of shape (n_samples,), default=None
-            Non-negative weights of the samples; ``None`` weights all equally.
-
-        Returns
-        -------
-        score : float
-            ``-sum(w_i ||x_i - decode(encode(x_i))||^2) / sum(w_i)``.  A lazy
-            0-d Dask array when ``X`` is one.  Raises an ``OverflowError``
-            when the mean exceeds float64's range.
-        """
-        if is_dask_array(X):
-            from . import _dask
-
-            X = self._lazy_input(X)
-            return _dask.lazy_score(X, sample_weight, self._sq_errors)
-        X = self._validated_query(X)
-        sample_weight = checked_weights(sample_weight, X)
-        return -mean_sq_error(self._sq_errors(X), sample_weight)
-
     def get_feature_names_out(self, input_features=None):
         """Names of the output columns of :meth:`transform`.
 
@@ -268,22 +233,6 @@ class _MultiCodebookQuantizer(QuantizerBase):
             ]
         return np.asarray(names, dtype=object)
 
-
-# Parameters a code book view shares with its multi-codebook estimator.
-_SHARED_PARAMETERS = (
-    "n_codes",
-    "ema_momentum",
-    "dead_code_threshold",
-    "relocate",
-    "init",
-    "algorithm",
-    "batch_size",
-    "max_iter",
-    "tol",
-    "max_no_improvement",
-    "n_jobs",
-    "verbose",
-)
 
 _COMMON_PARAMETERS = """
     ema_momentum : float, default=0.99
@@ -364,10 +313,10 @@ class ProductVQTransformer(_MultiCodebookQuantizer):
     {common}
     Attributes
     ----------
-    quantizers_ : list of VQCodebookTransformer
-        A read-only view of each subspace's code book as a fitted single
-        quantiser of its features (changing them does not change this
-        estimator).
+    quantizers_ : list of CodebookView
+        Each subspace's code book with the fitted attributes of a
+        :class:`VQCodebookTransformer` (``codebook_``, ``ema_counts_``,
+        ``ema_sum_``, ``ema_distortion_``, ``perplexity_``, ...), read-only.
 
     codebooks_ : list of ndarray of shape (n_codes, subspace size)
         The code vectors of each subspace.
@@ -622,9 +571,10 @@ class ResidualVQTransformer(_MultiCodebookQuantizer):
     {common}
     Attributes
     ----------
-    quantizers_ : list of VQCodebookTransformer
-        A read-only view of each stage's code book as a fitted single
-        quantiser (changing them does not change this estimator).
+    quantizers_ : list of CodebookView
+        Each stage's code book with the fitted attributes of a
+        :class:`VQCodebookTransformer` (``codebook_``, ``ema_counts_``,
+        ``ema_sum_``, ``ema_distortion_``, ``perplexity_``, ...), read-only.
 
     codebooks_ : list of ndarray of shape (n_codes, n_features)
         The code vectors of each stage.

@@ -313,3 +313,52 @@ def _in_units(values, unit):
         return values
     with np.errstate(over="ignore", under="ignore"):
         return (values.astype(np.float64) * unit).astype(values.dtype)
+
+
+class CodebookView:
+    """One code book's fitted attributes, named as
+    :class:`~skvq.VQCodebookTransformer` names them (a read-only view of a
+    :class:`CodebookState`; the multi-codebook estimators' ``quantizers_``).
+    """
+
+    def __init__(self, state):
+        self._state = state
+
+    def __repr__(self):
+        return f"CodebookView(n_codes={self._state.n_codes})"
+
+    @property
+    def codebook_(self):
+        return self._state.codebook
+
+    @property
+    def ema_counts_(self):
+        return self._state.counts
+
+    @property
+    def ema_sum_(self):
+        return self._state.ema_sum
+
+    @property
+    def ema_distortion_(self):
+        return self._state.ema_distortion
+
+    @property
+    def n_steps_(self):
+        return self._state.n_steps
+
+    @property
+    def n_codes_reassigned_(self):
+        return self._state.n_reseeded
+
+    @property
+    def n_codes_relocated_(self):
+        return self._state.n_relocated
+
+    @property
+    def dead_codes_(self):
+        return self._state.dead
+
+    @property
+    def perplexity_(self):
+        return self._state.perplexity
