@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._rows import canonical_sample, merge_samples, row_priority
+from ._rows import WeightedRows, canonical_sample, merge_samples, row_priority
 
 # A cell is split only when it holds at least this many rows: the gain is
 # estimated by cross-fitting two halves, and each needs a few rows per child.
@@ -198,13 +198,14 @@ def cell_members(X, sample_weight, labels, cells, min_rows=1):
 
 
 def merge_members(parts):
-    """The members of a batch from the members of its parts."""
+    """The members of a batch from the :func:`cell_members` of its parts."""
     if len(parts) == 1:
         return parts[0]
     merged = {}
     for part in parts:
+        # Each part is already a canonical sample (see cell_members).
         for p, (Y, v) in part.items():
-            merged.setdefault(p, []).append(canonical_sample(Y, v))
+            merged.setdefault(p, []).append(WeightedRows(Y, v))
     return {
         p: _pair(merge_samples(samples, MAX_SPLIT_ROWS))
         for p, samples in merged.items()

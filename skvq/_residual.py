@@ -42,6 +42,7 @@ from ._schedule import (
     stream_apply,
     stream_finish,
 )
+from ._search import scratch
 from ._sources import Request, StepResult
 
 # Passes of joint refinement after the greedy training, at most; they stop
@@ -81,7 +82,11 @@ def beam_search(X, indexes, beam_size, n_jobs=None):
     block = max(1, _BEAM_BLOCK_ELEMENTS // (beam_size * max(1, n_features)))
     for start in range(0, n_rows, block):
         rows = slice(start, start + block)
-        residual = X[rows].astype(np.float64)[:, None, :]
+        # Reused buffers: fresh ones page-fault on every block, all the more
+        # on Dask workers (see skvq._search.scratch).
+        residual = scratch("beam-residual", X[rows].shape, np.float64)
+        residual[...] = X[rows]
+        residual = residual[:, None, :]
         paths = np.zeros((residual.shape[0], 1, 0), dtype=np.intp)
         for index in indexes:
             paths, residual, err = _extend(paths, residual, index, beam_size, n_jobs)
@@ -151,7 +156,9 @@ def _extend(paths, residual, index, beam_size, n_jobs):
     if k == 1:
         found = index.nearest(flat, n_jobs=n_jobs)[0]
         if n_paths == 1:  # greedy: no ranking to do
-            residual -= _vectors(index)[found][:, None, :]
+            chosen = scratch("beam-chosen", flat.shape, np.float64)
+            np.take(_vectors(index), found, axis=0, out=chosen, mode="clip")
+            flat -= chosen
             paths = np.concatenate([paths, found[:, None, None]], axis=2)
             return paths, residual, _GREEDY
         codes = found[:, None]
@@ -365,18 +372,14 @@ class StageStatistics(_StagesRequest):
         return (self.key,)
 
     def on_block(self, block, rows, indexes, n_jobs):
-        codes = block.extras["codes"]
-        stage_indexes = self.stage_indexes(indexes)
-        decoded = decode(stage_indexes, codes)
-        return stage_targets(
-            block,
-            rows,
-            self.key,
-            stage_indexes,
-            codes,
-            decoded,
+        encoding = _JointEncoding.of(
+            block.X[:rows],
+            self.stage_indexes(indexes),
             self.versions,
-            self.n_codes,
+            block.extras["codes"],
+        )
+        return stage_targets(
+            block, rows, self.key, encoding, self.n_codes, n_jobs
         ).stats
 
     def merge(self, parts):
@@ -386,28 +389,49 @@ class StageStatistics(_StagesRequest):
         return total
 
 
-def stage_targets(block, rows, s, indexes, codes, decoded, versions, n_codes, cells=()):
+@dataclass(frozen=True)
+class _JointEncoding:
+    """The rows of a block encoded by every stage: the stages' indexes and
+    versions, the codes, what they leave of each row (float64) and its
+    squared norm."""
+
+    indexes: list
+    versions: tuple
+    codes: np.ndarray
+    residual: np.ndarray
+    sq_dist: np.ndarray
+
+    @classmethod
+    def of(cls, X, indexes, versions, codes):
+        residual = X.astype(np.float64)
+        residual -= decode(indexes, codes)
+        sq_dist = np.einsum("ij,ij->i", residual, residual)
+        return cls(indexes, versions, codes, residual, sq_dist)
+
+
+def stage_targets(block, rows, s, encoding, n_codes, n_jobs, cells=()):
     """What stage ``s`` should reproduce of each row: the row less the other
-    stages' code vectors (``decoded`` less its own).
+    stages' code vectors, i.e. what all the stages leave plus its own code
+    vector (whose distance to that target is the residual's norm).
 
     The targets become the stage's rows in the block, remembered with their
     codes and squared distances (for re-seeding).  Returns their statistics
     and the rows of ``cells``.
     """
     X, weights = block.X[:rows], block.weights[:rows]
-    own = _vectors(indexes[s])[codes[:, s]]
-    target = X.astype(np.float64) - decoded + own
-    diff = target - own
-    sq_dist = np.einsum("ij,ij->i", diff, diff)
-    target = target.astype(X.dtype)
+    codes, sq_dist = encoding.codes[:, s], encoding.sq_dist
+    target = encoding.residual + _vectors(encoding.indexes[s])[codes]
+    target = target.astype(X.dtype, copy=False)
     block.set_view(s, target)
     memory = block.memory(s, rows)
-    memory.version, memory.labels, memory.sq_dist = versions[s], codes[:, s], sq_dist
-    stats = assignment_statistics(target, codes[:, s], sq_dist, weights, n_codes)
+    memory.version, memory.labels, memory.sq_dist = encoding.versions[s], codes, sq_dist
+    stats = assignment_statistics(
+        target, codes, sq_dist, weights, n_codes, n_jobs=n_jobs
+    )
     members = None
     if cells:
         min_rows = MIN_SPLIT_ROWS if block.holds_all else 1
-        members = cell_members(target, weights, codes[:, s], cells, min_rows)
+        members = cell_members(target, weights, codes, cells, min_rows)
     return StepResult(stats, members)
 
 
@@ -424,20 +448,11 @@ class JointStatistics(_StagesRequest):
 
     def on_block(self, block, rows, indexes, n_jobs):
         stage_indexes = self.stage_indexes(indexes)
-        codes, _ = beam_search(block.X[:rows], stage_indexes, self.beam_size, n_jobs)
-        decoded = decode(stage_indexes, codes)
+        X = block.X[:rows]
+        codes, _ = beam_search(X, stage_indexes, self.beam_size, n_jobs)
+        encoding = _JointEncoding.of(X, stage_indexes, self.versions, codes)
         return [
-            stage_targets(
-                block,
-                rows,
-                s,
-                stage_indexes,
-                codes,
-                decoded,
-                self.versions,
-                self.n_codes,
-                self.cells[s],
-            )
+            stage_targets(block, rows, s, encoding, self.n_codes, n_jobs, self.cells[s])
             for s in range(len(stage_indexes))
         ]
 
@@ -655,13 +670,14 @@ class JointPool(_StagesRequest):
         stage_indexes = self.stage_indexes(indexes)
         points = chosen.points.astype(X.dtype)
         codes, _ = beam_search(points, stage_indexes, self.beam_size, n_jobs)
-        decoded = decode(stage_indexes, codes)
-        targets = {}
-        for s in self.stages:
-            own = _vectors(stage_indexes[s])[codes[:, s]]
-            target = points.astype(np.float64) - decoded + own
-            diff = target - own
-            targets[s] = (target, np.einsum("ij,ij->i", diff, diff))
+        encoding = _JointEncoding.of(points, stage_indexes, self.versions, codes)
+        targets = {
+            s: (
+                encoding.residual + _vectors(stage_indexes[s])[codes[:, s]],
+                encoding.sq_dist,
+            )
+            for s in self.stages
+        }
         return _StagePools(chosen, targets)
 
     def merge(self, parts):

@@ -57,18 +57,17 @@ def _directions(n_features):
 def project(rows, direction):
     """``rows @ direction``, computed the same way for every row.
 
-    A cumulative sum along each row adds its terms in column order by
-    definition, so a row's value is the same sequence of roundings wherever
-    the row sits, in whatever array (a BLAS product or a reduction may group
-    the terms differently by alignment or shape).
+    The terms of each row are added in column order, one column at a time,
+    so a row's value is the same sequence of roundings wherever the row
+    sits, in whatever array (a BLAS product or a reduction may group the
+    terms differently by alignment or shape).
     """
-    out = np.empty(rows.shape[0])
-    if rows.shape[1] == 0:
-        out[:] = 0.0
-        return out
+    out = np.zeros(rows.shape[0])
     for start in range(0, rows.shape[0], _PROJECTION_ROWS):
         block = rows[start : start + _PROJECTION_ROWS] * direction
-        out[start : start + _PROJECTION_ROWS] = np.cumsum(block, axis=1)[:, -1]
+        total = out[start : start + _PROJECTION_ROWS]
+        for j in range(block.shape[1]):
+            total += block[:, j]
     return out
 
 
@@ -241,14 +240,16 @@ def canonical_sample(X, sample_weight, values=None, max_rows=None):
             sample_weight[candidates],
             None if values is None else values[candidates],
             max_rows,
+            priority=priority[candidates],
         )
         if sample.n_rows == max_rows:
             return sample
     return _grouped_sample(X, sample_weight, values, max_rows)
 
 
-def _grouped_sample(X, sample_weight, values, max_rows):
-    """:func:`canonical_sample` of rows of positive weight, by grouping them all."""
+def _grouped_sample(X, sample_weight, values, max_rows, priority=None):
+    """:func:`canonical_sample` of rows of positive weight, by grouping them
+    all (``priority``: their :func:`row_priority`, when already known)."""
     rows, first, inverse = group_rows(X)
     points = rows[first]
     weights = np.bincount(inverse, weights=sample_weight, minlength=points.shape[0])
@@ -258,7 +259,9 @@ def _grouped_sample(X, sample_weight, values, max_rows):
         point_values[inverse] = values
     if max_rows is not None and points.shape[0] > max_rows:
         # A stable sort on priority keeps canonical order among equal ones.
-        priority = row_priority(points)
+        # (A row's priority is a function of its values: the first of each
+        # group stands for the group.)
+        priority = row_priority(points) if priority is None else priority[first]
         chosen = np.sort(np.argsort(priority, kind="stable")[:max_rows])
         points, weights = points[chosen], weights[chosen]
         if point_values is not None:
