@@ -70,8 +70,9 @@ print(X)
 # ----------------------------------
 # Each full step of ``fit`` is a reduction over the chunks, whose rows are
 # assigned to the schedule's stages by a hash of their values: the same
-# rows as in a NumPy fit.  The small first stages are gathered and stepped
-# in this process, where a step costs no round trip.
+# rows as in a NumPy fit.  Stages whose steps are cheap are gathered once
+# and stepped in this process, where a step costs no round trip (with two
+# features, all of them here); larger ones run where their chunks are.
 vq = VQCodebookTransformer(n_codes=48, max_iter=30, random_state=0)
 start = perf_counter()
 vq.fit(X)

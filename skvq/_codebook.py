@@ -454,59 +454,58 @@ class VQCodebookTransformer(QuantizerBase):
     # ----------------------------------------------------- fitted attributes
     @property
     def n_iter_(self):
-        """int: steps of the last :meth:`fit` (0 if only :meth:`partial_fit`
-        ran)."""
+        """Steps of the last :meth:`fit` (0 if only :meth:`partial_fit` ran)."""
         self._fitted_states()
         return self.__dict__.get("_n_iter", 0)
 
     @property
     def codebook_(self):
-        """ndarray of shape (n_codes, n_features): the code vectors."""
+        """The code vectors, of shape (n_codes, n_features)."""
         return self._fitted_states()[0].codebook
 
     @property
     def ema_counts_(self):
-        """ndarray of shape (n_codes,): the EMA usage counts."""
+        """The EMA usage counts, of shape (n_codes,)."""
         return self._fitted_states()[0].counts
 
     @property
     def ema_sum_(self):
-        """ndarray of shape (n_codes, n_features): the EMA running sums."""
+        """The EMA running sums, of shape (n_codes, n_features)."""
         return self._fitted_states()[0].ema_sum
 
     @property
     def ema_distortion_(self):
-        """ndarray of shape (n_codes,): the EMA of each code's distortion."""
+        """The EMA of each code's distortion, of shape (n_codes,)."""
         return self._fitted_states()[0].ema_distortion
 
     @property
     def n_steps_(self):
-        """int: EMA steps since the code book was initialised."""
+        """EMA steps since the code book was initialised."""
         return self._fitted_states()[0].n_steps
 
     @property
     def n_codes_reassigned_(self):
-        """int: codes re-seeded since the code book was initialised."""
+        """Codes re-seeded since the code book was initialised."""
         return self._fitted_states()[0].n_reseeded
 
     @property
     def n_codes_relocated_(self):
-        """int: codes relocated since the code book was initialised."""
+        """Codes relocated since the code book was initialised."""
         return self._fitted_states()[0].n_relocated
 
     @property
     def dead_codes_(self):
-        """ndarray of shape (n_codes,), dtype=bool: dead codes of the last step."""
+        """Mask of the codes found dead in the last step."""
         return self._fitted_states()[0].dead
 
     @property
     def perplexity_(self):
-        """float: ``exp`` of the entropy of the EMA usage distribution."""
+        """``exp`` of the entropy of the EMA usage distribution."""
         return self._fitted_states()[0].perplexity
 
     @property
     def commitment_loss_(self):
-        """float: the VQ-VAE commitment term of the last batch."""
+        """The VQ-VAE commitment term of the last batch."""
         state = self._fitted_states()[0]
         return self.commitment_weight * state.commitment_distortion
 

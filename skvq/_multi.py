@@ -47,30 +47,34 @@ class _MultiCodebookQuantizer(QuantizerBase):
     # ------------------------------------------------------ fitted views
     @property
     def codebooks_(self):
-        """list of ndarray: the code book of each subspace or stage."""
+        """The code book of each subspace or stage."""
         return [state.codebook for state in self._fitted_states()]
 
     @property
     def perplexity_(self):
-        """ndarray of shape (n_codebooks,): the perplexity of each code book."""
+        """The perplexity of each code book."""
         return np.array([state.perplexity for state in self._fitted_states()])
 
     @property
     def n_iter_(self):
-        """int: steps of the code books' own fits in the last :meth:`fit`,
-        summed (0 if only :meth:`partial_fit` ran)."""
+        """Steps of the code books' fits in the last :meth:`fit`, summed.
+
+        0 if only :meth:`partial_fit` ran.
+        """
         self._fitted_states()
         return self.__dict__.get("_n_iter", 0)
 
     @property
     def bits_per_vector_(self):
-        """float: ``n_codebooks * log2(n_codes)``."""
+        """Bits of one encoded vector, ``n_codebooks * log2(n_codes)``."""
         return len(self._fitted_states()) * float(np.log2(self.n_codes))
 
     @property
     def quantizers_(self):
-        """list of CodebookView: each code book's fitted attributes, named as
-        :class:`VQCodebookTransformer` names them (read-only)."""
+        """Each code book's fitted attributes, read-only.
+
+        Named as :class:`VQCodebookTransformer` names them.
+        """
         return [CodebookView(state) for state in self._fitted_states()]
 
     # ---------------------------------------------------------- encoding
@@ -749,8 +753,10 @@ class ResidualVQTransformer(_MultiCodebookQuantizer):
 
     @property
     def n_refinements_(self):
-        """int: joint refinement passes kept by the last :meth:`fit` (0 if
-        only :meth:`partial_fit` ran)."""
+        """Joint refinement passes kept by the last :meth:`fit`.
+
+        0 if only :meth:`partial_fit` ran.
+        """
         self._fitted_states()
         return self.__dict__.get("_n_refinements", 0)
 
