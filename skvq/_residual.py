@@ -32,7 +32,7 @@ import numpy as np
 from scipy import linalg, sparse
 
 from ._kernels import COUNT_FLOOR, assignment_statistics
-from ._relocation import MIN_SPLIT_ROWS, cell_members, merge_members
+from ._relocation import MIN_SPLIT_ROWS, cell_members
 from ._rows import WeightedRows, canonical_sample
 from ._schedule import (
     FitSchedule,
@@ -43,7 +43,7 @@ from ._schedule import (
     stream_finish,
 )
 from ._search import scratch
-from ._sources import Request, StepResult
+from ._sources import Request, StepResult, sum_parts
 
 # Passes of joint refinement after the greedy training, at most; they stop
 # earlier when the error drops by less than this fraction.
@@ -355,10 +355,7 @@ class Encode(_StagesRequest):
         )
 
     def merge(self, parts):
-        total = parts[0]
-        for part in parts[1:]:
-            total = total + part
-        return total
+        return sum_parts(parts)
 
 
 @dataclass(frozen=True)
@@ -383,10 +380,7 @@ class StageStatistics(_StagesRequest):
         ).stats
 
     def merge(self, parts):
-        total = parts[0]
-        for part in parts[1:]:
-            total = total + part
-        return total
+        return sum_parts(parts)
 
 
 @dataclass(frozen=True)
@@ -457,16 +451,12 @@ class JointStatistics(_StagesRequest):
         ]
 
     def merge(self, parts):
-        merged = []
-        for s in range(len(self.versions)):
-            stats = parts[0][s].stats
-            for part in parts[1:]:
-                stats = stats + part[s].stats
-            members = None
-            if self.cells[s]:
-                members = merge_members([part[s].members for part in parts])
-            merged.append(StepResult(stats, members))
-        return merged
+        return [
+            StepResult.merged(
+                [part[s] for part in parts], with_members=bool(self.cells[s])
+            )
+            for s in range(len(self.versions))
+        ]
 
 
 # ---------------------------------------------------------------- training

@@ -237,6 +237,25 @@ class StepResult:
     stats: BatchStatistics
     members: dict | None = None
 
+    @classmethod
+    def merged(cls, parts, *, with_members):
+        """The result of all the blocks from their ``parts``; the rows of the
+        cells are merged only ``with_members``."""
+        stats = sum_parts([part.stats for part in parts])
+        members = None
+        if with_members:
+            members = merge_members([part.members for part in parts])
+        return cls(stats, members)
+
+
+def sum_parts(parts):
+    """The sum of the blocks' ``parts`` in block order (the order of the
+    float additions is fixed, so that every backend gets the same bits)."""
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
+
 
 @dataclass(frozen=True)
 class Statistics(_StateRequest):
@@ -278,13 +297,7 @@ class Statistics(_StateRequest):
         return StepResult(stats, members)
 
     def merge(self, parts):
-        stats = parts[0].stats
-        for part in parts[1:]:
-            stats = stats + part.stats
-        members = None
-        if self.cells:
-            members = merge_members([p.members for p in parts])
-        return StepResult(stats, members)
+        return StepResult.merged(parts, with_members=bool(self.cells))
 
 
 @dataclass(frozen=True)
@@ -354,10 +367,7 @@ class Variance(Request):
         return Moments.of(block.view(self.key)[:rows], block.weights[:rows])
 
     def merge(self, parts):
-        total = parts[0]
-        for part in parts[1:]:
-            total = total + part
-        return total
+        return sum_parts(parts)
 
 
 # ----------------------------------------------------------------- sources
