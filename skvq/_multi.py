@@ -25,8 +25,9 @@ from ._base import (
 )
 from ._residual import ResidualTraining, beam_search, joint_step
 from ._rows import canonical_sample
-from ._schedule import FitSchedule, drive, run, start_stream, stream_step
+from ._schedule import drive, run, sample_fit, start_stream, stream_step
 from ._sources import to_internal
+from ._stage_trainer import StageTrainer
 from ._state import CodebookView
 from ._threads import blas_held
 from ._validation import checked_code_values
@@ -57,7 +58,9 @@ class _MultiCodebookQuantizer(QuantizerBase):
 
     @property
     def n_iter_(self):
-        """Steps of the code books' fits in the last :meth:`fit`, summed.
+        """Lloyd iterations of the code books' fits in the last :meth:`fit`,
+        summed (the stage trainer's, and a product code book's final full
+        step).
 
         0 if only :meth:`partial_fit` ran.
         """
@@ -248,11 +251,14 @@ _COMMON_PARAMETERS = """
         :class:`VQCodebookTransformer`.
 
     relocate : bool, default=True
-        Relocation of crowded codes in every code book, as in
-        :class:`VQCodebookTransformer`.
+        Relocation of crowded codes in every code book's stream steps
+        (``partial_fit``), as in :class:`VQCodebookTransformer`; ``fit``'s
+        stage trainer splits the largest cell for every empty one instead.
 
     init : {"k-means++", "random"}, default="k-means++"
-        Initialisation of every code book.
+        Seeding of every code book: in ``fit``, from at most 16 rows per
+        code of its training sample (on the first principal dimension of a
+        residual stage); in the first ``partial_fit``, from the batch.
 
     encode : {"index", "onehot"}, default="index"
         What :meth:`transform` returns: ``"index"``, the codes as an int64
@@ -263,16 +269,22 @@ _COMMON_PARAMETERS = """
         Nearest-code search of every code book.
 
     batch_size : int, default=1024
-        Rows of a stream's batch, and the scale of each code book's ``fit``.
+        Rows of a stream's batch; ``fit`` expresses the EMA counts per
+        ``batch_size`` rows.
 
     max_iter : int, default=300
-        Maximum number of steps of each code book's ``fit``.
+        Maximum number of Lloyd iterations of each code book's ``fit``
+        (the stage trainer makes at most 25 (product) or 100 (residual)).
 
     tol : float, default=1e-4
-        Early stopping of each code book's ``fit``.
+        The stage trainer's Lloyd iterations stop when the codes move (sum
+        of squared shifts) by at most ``tol`` times the sample's mean
+        variance, or lower the distortion by less than 0.01 %.
 
     max_no_improvement : int or None, default=10
-        Early stopping of each code book's ``fit``.
+        Not used by the multi-codebook quantisers (their ``fit`` stops by
+        ``tol`` and ``max_iter``); kept for a common parameter set with
+        :class:`VQCodebookTransformer`.
 
     n_jobs : int, default=None
         Threads of the searches and statistics.
@@ -298,10 +310,15 @@ class ProductVQTransformer(_MultiCodebookQuantizer):
     features, of sizes differing by at most one, and each group is quantised
     by its own code book of ``n_codes`` codes.  A sample is stored as
     ``n_subspaces`` codes (``n_subspaces * log2(n_codes)`` bits) and decoded
-    by concatenating the code vectors.  Each code book learns as a
-    :class:`VQCodebookTransformer` on its subspace would: the same EMA rule,
-    ``fit`` schedule, re-seeding and relocation; the code books train in
-    lockstep, one pass over the rows per step for all of them.
+    by concatenating the code vectors.
+
+    ``fit`` trains each code book by the multi-codebook stage trainer: Lloyd
+    iterations (at most 25, as faiss's product quantiser) from seeds drawn
+    by ``init``, on a canonical sample of at most 256 distinct rows per
+    code, an empty cell taking half of the largest; then one full step on
+    all the rows sets each code book's usage.  ``partial_fit`` makes one EMA
+    step of every code book, with the re-seeding and relocation of
+    :class:`VQCodebookTransformer`.
 
     Read more in the :ref:`multi-codebook guide <multi_codebook>`.
 
@@ -456,8 +473,9 @@ class ProductVQTransformer(_MultiCodebookQuantizer):
                 X, sample_weight, fit=True, columns=self._columns()
             )
             config = self._config()
+            trainer = StageTrainer.plain(config)
             schedules = [
-                FitSchedule(config, source, stage_rng, key=j).run()
+                sample_fit(config, source, trainer, stage_rng, key=j)
                 for j, stage_rng in enumerate(rngs)
             ]
             with blas_held(self.n_jobs, source.plan.n_rows * self.n_codes):
@@ -548,15 +566,19 @@ class ResidualVQTransformer(_MultiCodebookQuantizer):
     ``beam_size`` best partial sums from stage to stage (beam search;
     ``beam_size=1`` is greedy).
 
-    ``fit`` trains the stages greedily (stage ``s`` is fitted, as a
-    :class:`VQCodebookTransformer` would be, on what the stages before it
-    leave of each row), then refines them jointly: every code book is solved again
-    at once by least squares for the current codes (a Lloyd step per stage
-    in turn when ``n_stages * n_codes > 4096``) and the rows are encoded
-    again; a pass is kept only if the error drops, and the passes stop when
-    it drops by less than 0.1 % (at most 20).  ``partial_fit`` encodes the batch
-    with the current code books and makes one EMA step of every stage on
-    those targets.
+    ``fit`` trains the stages greedily on a canonical sample of at most 256
+    distinct rows per code: stage ``s`` learns what every kept path (all
+    ``beam_size`` of them) leaves of the rows after the stages before it,
+    by progressive-dimension k-means (Lloyd iterations on the first 1, 2,
+    ... principal dimensions of those residuals, 10 steps of at most 10
+    iterations, each warm-started from the last).  It then refines the
+    stages jointly: every code book is solved again at once by least
+    squares for the current codes (a Lloyd step per stage in turn when
+    ``n_stages * n_codes > 4096``) on all the rows but a held-out eighth,
+    and the rows are encoded again; a pass is kept only if the error of the
+    held-out rows drops by 0.1 % (at most 20 passes).  ``partial_fit``
+    encodes the batch with the current code books and makes one EMA step of
+    every stage on those targets.
 
     Read more in the :ref:`multi-codebook guide <multi_codebook>`.
 

@@ -107,14 +107,7 @@ def initial_state(config, source, key, stage, max_rows, rng):
     """
     if isinstance(config.init, str):
         sample = yield InitSample(key, stage, max_rows)
-        if sample.n_rows < config.n_codes:
-            warnings.warn(
-                f"Only {sample.n_rows} distinct samples of positive weight were "
-                f"available to initialise n_codes={config.n_codes} codes; the code "
-                "book repeats some of them.",
-                UserWarning,
-                stacklevel=6,
-            )
+        warn_if_few_rows(sample.n_rows, config.n_codes)
         codes = init_codebook(sample, config.n_codes, config.init, rng)
     else:
         codes = config.init / source.unit
@@ -125,6 +118,19 @@ def initial_state(config, source, key, stage, max_rows, rng):
         seed=seed,
         unit=source.unit,
     )
+
+
+def warn_if_few_rows(n_rows, n_codes):
+    """Warn that a code book initialised from ``n_rows`` distinct rows
+    repeats some of them."""
+    if n_rows < n_codes:
+        warnings.warn(
+            f"Only {n_rows} distinct samples of positive weight were "
+            f"available to initialise n_codes={n_codes} codes; the code "
+            "book repeats some of them.",
+            UserWarning,
+            stacklevel=7,
+        )
 
 
 def dead_codes(state, searched, config, batch_counts=None):
@@ -327,6 +333,29 @@ class EarlyStopping:
         ):
             self.reason = f"no improvement in {self.n_no_improvement} passes"
         return bool(self.reason)
+
+
+def sample_fit(config, source, trainer, rng, key=0):
+    """``fit`` of one code book of a multi-codebook quantiser: ``trainer``
+    (a :class:`~skvq._stage_trainer.StageTrainer`) fits it to a canonical
+    sample of at most ``trainer.max_rows`` distinct rows, then one full step
+    on all the rows sets its usage (and keeps ``fit``'s invariant: every
+    code is the mean of its cell).  A generator returning a
+    :class:`FitOutcome`; ``rng`` draws the trainer's seeds, then the seed of
+    the re-seeding draws."""
+    sample = yield InitSample(key, None, trainer.max_rows)
+    warn_if_few_rows(sample.n_rows, config.n_codes)
+    fit = trainer.fit(sample.points.astype(source.dtype), sample.weights, rng)
+    seed = int(rng.randint(np.iinfo(np.int32).max))
+    state = CodebookState.initial(
+        fit.codes, algorithm=config.algorithm, seed=seed, unit=source.unit
+    )
+    last = len(source.plan.rows) - 1
+    result = yield Statistics.of(state, key, last)
+    state = yield from full_update(
+        config, state, result.stats, key, last, source.plan.scale(last)
+    )
+    return FitOutcome(state, fit.n_iter + 1)
 
 
 class FitSchedule:

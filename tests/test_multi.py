@@ -143,14 +143,41 @@ def test_wider_beams_never_encode_worse_on_average():
     assert errors[2] <= errors[1] <= errors[0]
 
 
-def test_joint_refinement_lowers_the_training_error(monkeypatch):
-    X = data(n=600, n_features=8)
+def _held_out_error(rvq, X):
+    rows = X[residual.held_out(X)]
+    decoded = rvq.inverse_transform(rvq.transform(rows))
+    return float(((rows - decoded) ** 2).sum(axis=1).mean())
+
+
+def test_kept_refinement_passes_lower_the_held_out_error(monkeypatch):
+    X = data(n=3000, n_features=4)
     params = dict(n_codes=8, n_stages=3, random_state=0)
     refined = ResidualVQTransformer(**params).fit(X)
     monkeypatch.setattr(residual, "REFINE_PASSES", 0)
     greedy = ResidualVQTransformer(**params).fit(X)
     assert refined.n_refinements_ >= 1 and greedy.n_refinements_ == 0
-    assert -refined.score(X) < -greedy.score(X)
+    assert _held_out_error(refined, X) < _held_out_error(greedy, X)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_refinement_never_raises_the_held_out_error(monkeypatch, seed):
+    # Few rows per code: the solve fits the training rows' noise, and the
+    # held-out check must undo such passes.
+    X = data(n=300, n_features=8, seed=seed)
+    params = dict(n_codes=16, n_stages=3, random_state=seed)
+    refined = ResidualVQTransformer(**params).fit(X)
+    monkeypatch.setattr(residual, "REFINE_PASSES", 0)
+    greedy = ResidualVQTransformer(**params).fit(X)
+    assert _held_out_error(refined, X) <= _held_out_error(greedy, X)
+
+
+def test_held_out_rows_are_an_eighth_chosen_by_value():
+    X = np.random.RandomState(0).normal(size=(8000, 5))
+    held = residual.held_out(X)
+    assert abs(held.mean() - 1 / 8) < 0.02
+    # The same rows at any position, in any array.
+    order = np.random.RandomState(1).permutation(8000)
+    assert_array_equal(residual.held_out(X[order]), held[order])
 
 
 def test_residual_partial_fit_steps_every_stage_from_the_joint_codes():

@@ -1,0 +1,133 @@
+"""The multi-codebook quantisers' stage trainer and the residual quantiser's
+beam-aware greedy training."""
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+from sklearn.decomposition import PCA
+
+import skvq._stage_trainer as stage_trainer
+from skvq import ProductVQTransformer, ResidualVQTransformer
+from skvq._residual import beam_pool
+from skvq._search import CodebookIndex
+from skvq._stage_trainer import (
+    StageTrainer,
+    principal_axes,
+    progressive_dims,
+    split_empty_cells,
+)
+
+
+def blobs(n_per=200, n_features=6, seed=0):
+    rng = np.random.RandomState(seed)
+    centres = 20.0 * np.eye(4, n_features)
+    X = np.repeat(centres, n_per, axis=0) + rng.normal(size=(4 * n_per, n_features))
+    return X, centres
+
+
+@pytest.mark.parametrize(
+    "n_features, n_steps, expected",
+    [
+        (192, 10, [1, 2, 4, 8, 13, 23, 39, 67, 113, 192]),
+        (3, 10, [1, 2, 3]),
+        (1, 10, [1]),
+        (24, 1, [24]),
+    ],
+)
+def test_progressive_dims_grow_geometrically_to_all_features(
+    n_features, n_steps, expected
+):
+    assert progressive_dims(n_features, n_steps) == expected
+
+
+def test_principal_axes_are_pca_components_and_weights_repeat_rows():
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(300, 5)) * [5.0, 3.0, 2.0, 1.0, 0.5]
+    mean, axes = principal_axes(X, np.ones(300))
+    assert_allclose(axes.T @ axes, np.eye(5), atol=1e-12)
+    pca = PCA().fit(X)
+    assert_allclose(mean, X.mean(axis=0))
+    assert_allclose(np.abs(axes.T @ pca.components_.T), np.eye(5), atol=1e-6)
+    weights = rng.randint(1, 4, size=300).astype(float)
+    mean_w, axes_w = principal_axes(X, weights)
+    mean_r, axes_r = principal_axes(
+        np.repeat(X, weights.astype(int), axis=0), np.ones(int(weights.sum()))
+    )
+    assert_allclose(mean_w, mean_r)
+    assert_allclose(np.abs(axes_w.T @ axes_r), np.eye(5), atol=1e-6)
+
+
+def test_an_empty_cell_takes_half_of_the_largest():
+    counts = np.array([4.0, 0.0, 2.0])
+    sums = np.array([[4.0, 8.0], [0.0, 0.0], [6.0, 6.0]])
+    distortions = np.array([8.0, 0.0, 0.0])  # spread of cell 0: 1 per axis
+    codes = split_empty_cells(counts, sums, distortions)
+    step = stage_trainer.SPLIT_SPREAD * 2.0  # the code's largest entry, 2
+    assert_allclose(codes[0], [1.0 - step, 2.0 + step])
+    assert_allclose(codes[1], [1.0 + step, 2.0 - step])
+    assert_allclose(codes[2], [3.0, 3.0])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        StageTrainer,
+        lambda **kw: StageTrainer(progressive_steps=1, step_iterations=25, **kw),
+    ],
+)
+def test_stage_trainer_finds_separated_clusters(make):
+    X, centres = blobs()
+    fit = make(n_codes=4).fit(X, np.ones(X.shape[0]), np.random.RandomState(0))
+    found = CodebookIndex(fit.codes, "brute").nearest(centres)[0]
+    assert sorted(found) == [0, 1, 2, 3]
+    assert_allclose(fit.codes[found], centres, atol=0.3)
+    assert fit.codes.dtype == X.dtype and fit.n_iter >= 1
+
+
+def test_stage_trainer_is_the_same_for_any_thread_count():
+    X = np.random.RandomState(0).normal(size=(3000, 12)).astype(np.float32)
+    fits = [
+        StageTrainer(32, n_jobs=n_jobs).fit(X, np.ones(3000), np.random.RandomState(5))
+        for n_jobs in (1, 2)
+    ]
+    assert_array_equal(fits[0].codes, fits[1].codes)
+
+
+def test_beam_pool_holds_every_kept_path_residual_weighted_as_its_row():
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(5, 3))
+    weights = np.arange(1.0, 6.0)
+    codebook = rng.normal(size=(4, 3))
+    paths = np.array([[[0], [2]], [[1], [3]], [[2], [1]], [[3], [0]], [[0], [1]]])
+    index = CodebookIndex(codebook, "brute")
+    pool, pool_weights = beam_pool(X, weights, paths, [index], 100, rng)
+    expected = (X[:, None, :] - codebook[paths[:, :, 0]]).reshape(10, 3)
+    assert_allclose(pool, expected)
+    assert_array_equal(pool_weights, np.repeat(weights, 2))
+    few, few_weights = beam_pool(X, weights, paths, [index], 4, rng)
+    assert few.shape == (4, 3)
+    matches = [np.flatnonzero(np.isclose(expected, row).all(axis=1)) for row in few]
+    assert all(m.size == 1 for m in matches)
+    assert_array_equal(few_weights, np.repeat(weights, 2)[np.concatenate(matches)])
+
+
+def test_residual_stages_learn_from_every_kept_path(monkeypatch):
+    X = blobs(n_per=50)[0]
+    sizes = []
+    fit = StageTrainer.fit
+
+    def recording(self, pool, weights, rng):
+        sizes.append(pool.shape[0])
+        return fit(self, pool, weights, rng)
+
+    monkeypatch.setattr(StageTrainer, "fit", recording)
+    ResidualVQTransformer(n_codes=8, n_stages=3, beam_size=3, random_state=0).fit(X)
+    assert sizes == [200, 600, 600]
+
+
+def test_max_iter_caps_the_lloyd_iterations_of_each_code_book():
+    X = blobs(n_per=100)[0]
+    rvq = ResidualVQTransformer(n_codes=8, n_stages=3, max_iter=20, random_state=0)
+    assert 3 <= rvq.fit(X).n_iter_ <= 3 * 10 * 2
+    pq = ProductVQTransformer(n_codes=8, n_subspaces=3, max_iter=2, random_state=0)
+    assert 3 * 2 <= pq.fit(X).n_iter_ <= 3 * (2 + 1)
