@@ -171,6 +171,18 @@ def test_refinement_never_raises_the_held_out_error(monkeypatch, seed):
     assert _held_out_error(refined, X) <= _held_out_error(greedy, X)
 
 
+def test_no_refinement_with_fewer_rows_than_codes_in_all(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("an underdetermined solve was attempted")
+
+    monkeypatch.setattr(residual, "solve_codebooks", refuse)
+    X = data(n=40, n_features=8)
+    rvq = ResidualVQTransformer(n_codes=16, n_stages=3, random_state=0).fit(X)
+    assert rvq.n_refinements_ == 0
+    with pytest.raises(AssertionError, match="underdetermined"):
+        ResidualVQTransformer(n_codes=4, n_stages=3, random_state=0).fit(data(n=400))
+
+
 def test_held_out_rows_are_an_eighth_chosen_by_value():
     X = np.random.RandomState(0).normal(size=(8000, 5))
     held = residual.held_out(X)
