@@ -32,11 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import linalg
 
-from ._kernels import (
-    batch_statistics,
-    code_statistics,
-    init_codebook,
-)
+from ._kernels import Moments, batch_statistics, code_statistics, init_codebook
 from ._rows import WeightedRows
 from ._search import CodebookIndex
 
@@ -73,12 +69,15 @@ class StageFit:
 
 @dataclass(frozen=True)
 class StageTrainer:
-    """Progressive-dimension k-means of one code book (module docstring).
+    """k-means of one code book in ``progressive_steps`` dimension steps
+    (module docstring; one step: plain Lloyd iterations on all the
+    features, without the rotation).
 
-    ``step_iterations`` Lloyd iterations per dimension step at most; a step
-    ends early when the codes move by at most ``tol`` times the sample's
-    mean variance (squared shift summed over the codes, as in
-    :class:`~sklearn.cluster.KMeans`).
+    ``step_iterations`` Lloyd iterations per step at most; a step ends early
+    when the codes move by at most ``tol`` times the sample's mean variance
+    (squared shift summed over the codes, as in
+    :class:`~sklearn.cluster.KMeans`), or when an iteration lowers the
+    distortion by less than ``STEP_RTOL``.
     """
 
     n_codes: int
@@ -123,22 +122,25 @@ class StageTrainer:
 
     def fit(self, X, weights, rng):
         """A :class:`StageFit` of ``X`` (rows of positive ``weights``)."""
-        dtype = X.dtype
-        mean, axes = principal_axes(X, weights)
-        rotated = (X - mean.astype(dtype)) @ axes.astype(dtype)
-        shift_tol = self.tol * float(np.einsum("ij,i->", rotated**2, weights))
-        shift_tol /= float(weights.sum()) * X.shape[1]
+        shift_tol = self.tol * Moments.of(X, weights).mean_variance
+        rotation = None
+        if self.progressive_steps > 1:
+            rotation = principal_axes(X, weights)
+            mean, axes = rotation
+            X = (X - mean.astype(X.dtype)) @ axes.astype(X.dtype)
         codes, labels, n_iter = None, None, 0
         for n_dims in progressive_dims(X.shape[1], self.progressive_steps):
-            part = np.ascontiguousarray(rotated[:, :n_dims])
+            part = np.ascontiguousarray(X[:, :n_dims])
             if codes is None:
                 codes = self._seeds(part, weights, rng)
             else:
-                codes = self._warm_start(part, weights, labels, codes)
+                codes = self._warm_start(part, weights, labels)
             codes, labels, steps = self._lloyd(part, weights, codes, shift_tol)
             n_iter += steps
-        vectors = codes.astype(np.float64) @ axes.T + mean
-        return StageFit(vectors.astype(dtype), n_iter)
+        if rotation is not None:
+            mean, axes = rotation
+            codes = (codes.astype(np.float64) @ axes.T + mean).astype(X.dtype)
+        return StageFit(codes, n_iter)
 
     def _lloyd(self, X, weights, codes, shift_tol):
         """Lloyd iterations from ``codes``; the codes, the last labels and
@@ -172,7 +174,7 @@ class StageTrainer:
         sample = WeightedRows(X, weights)
         return init_codebook(sample, self.n_codes, self.init, rng).astype(X.dtype)
 
-    def _warm_start(self, X, weights, labels, codes):
+    def _warm_start(self, X, weights, labels):
         """The codes in more dimensions: each cell's weighted mean there."""
         counts, sums = code_statistics(X, labels, weights, self.n_codes, self.n_jobs)
         distortions = np.zeros(self.n_codes)

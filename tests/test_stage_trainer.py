@@ -131,3 +131,20 @@ def test_max_iter_caps_the_lloyd_iterations_of_each_code_book():
     assert 3 <= rvq.fit(X).n_iter_ <= 3 * 10 * 2
     pq = ProductVQTransformer(n_codes=8, n_subspaces=3, max_iter=2, random_state=0)
     assert 3 * 2 <= pq.fit(X).n_iter_ <= 3 * (2 + 1)
+
+
+def test_product_fit_trains_on_a_bounded_sample_then_counts_all_rows(monkeypatch):
+    X = np.random.RandomState(0).normal(size=(5000, 4))
+    sizes = []
+    fit = StageTrainer.fit
+
+    def recording(self, pool, weights, rng):
+        sizes.append(pool.shape[0])
+        return fit(self, pool, weights, rng)
+
+    monkeypatch.setattr(StageTrainer, "fit", recording)
+    pq = ProductVQTransformer(n_codes=2, n_subspaces=2, random_state=0).fit(X)
+    assert sizes == [stage_trainer.MAX_ROWS_PER_CODE * 2] * 2
+    # The last full step counts every row (EMA counts per batch_size rows).
+    for view in pq.quantizers_:
+        assert_allclose(view.ema_counts_.sum(), pq.batch_size)
