@@ -13,15 +13,18 @@ Training (:class:`ResidualTraining`) is written once for ``fit``, the first
 ``partial_fit`` and Dask: it sends requests (defined here) to a data source,
 like the single code book's schedules.
 
-- The greedy stage loop: stage ``s`` is trained on what the stages before
-  it leave of each row (the residual of its best path, kept per block of
-  rows with the paths themselves), by a stage trainer: the single code
-  book's ``fit`` schedule, or (first ``partial_fit``) an initialisation.
+- The greedy stage loop of ``fit`` (:func:`greedy_stages`) runs in memory
+  on the canonical training sample (at most 256 distinct rows per code,
+  one request): stage ``s`` is fitted by the stage trainer
+  (:mod:`skvq._stage_trainer`, progressive-dimension k-means) to what every
+  kept beam path leaves of the sample's rows after the stages before it.
+  The first ``partial_fit`` initialises stage after stage from the residual
+  of each row's best path, kept per block of rows with the paths themselves.
 - Joint refinement (``fit``): for the current codes, all code books are
   solved at once by least squares; the normal equations are sums over rows,
   so each block adds its part.  Beyond ``JOINT_SOLVE_MAX`` codes in all, a
-  Lloyd step per stage in turn.  A pass is kept only if the rows, encoded
-  again, have a lower error.
+  Lloyd step per stage in turn.  An eighth of the rows is held out of the
+  solves, and a pass is kept only if their error drops.
 - A stream step: one joint (beam) encoding of the batch, then an EMA step
   of every stage towards what the other stages leave of its rows.
 """
@@ -307,6 +310,22 @@ class AdvanceStages(_StagesRequest):
 
 
 @dataclass(frozen=True)
+class HeldOutError:
+    """The weighted squared error of encoding the held-out rows, and their
+    weight (additive over blocks)."""
+
+    error: float = 0.0
+    weight: float = 0.0
+
+    @property
+    def mean_error(self):
+        return self.error / self.weight
+
+    def __add__(self, other):
+        return HeldOutError(self.error + other.error, self.weight + other.weight)
+
+
+@dataclass(frozen=True)
 class Encoding:
     """The error of encoding the rows, each code's weight and error (fit
     units: per ``batch_rows``), the error of the held-out rows, and the
@@ -316,8 +335,7 @@ class Encoding:
     weight: float
     counts: np.ndarray  # (n_stages, n_codes)
     distortions: np.ndarray  # (n_stages, n_codes)
-    held_out_error: float = 0.0  # the part of ``error`` of the held-out rows
-    held_out_weight: float = 0.0
+    held_out: HeldOutError = HeldOutError()
     gram: np.ndarray | None = None
     rhs: np.ndarray | None = None
 
@@ -325,18 +343,13 @@ class Encoding:
     def mean_error(self):
         return self.error / self.weight
 
-    @property
-    def held_out_mean_error(self):
-        return self.held_out_error / self.held_out_weight
-
     def __add__(self, other):
         return Encoding(
             self.error + other.error,
             self.weight + other.weight,
             self.counts + other.counts,
             self.distortions + other.distortions,
-            self.held_out_error + other.held_out_error,
-            self.held_out_weight + other.held_out_weight,
+            self.held_out + other.held_out,
             None if self.gram is None else self.gram + other.gram,
             None if self.rhs is None else self.rhs + other.rhs,
         )
@@ -382,30 +395,13 @@ class Encode(_StagesRequest):
             float(weights.sum()),
             counts,
             distortions,
-            float(lost[check].sum()),
-            float(weights[check].sum()),
+            HeldOutError(float(lost[check].sum()), float(weights[check].sum())),
             gram,
             rhs,
         )
 
     def merge(self, parts):
         return sum_parts(parts)
-
-
-@dataclass(frozen=True)
-class HeldOutError:
-    """The weighted squared error of encoding the held-out rows, and their
-    weight (additive over blocks)."""
-
-    error: float
-    weight: float
-
-    @property
-    def mean_error(self):
-        return self.error / self.weight
-
-    def __add__(self, other):
-        return HeldOutError(self.error + other.error, self.weight + other.weight)
 
 
 @dataclass(frozen=True)
@@ -607,7 +603,7 @@ class ResidualTraining:
         encoding = yield self._encode(states, joint)
         n_refinements = 0
         underdetermined = self.source.plan.n_rows < len(states) * n_codes
-        if underdetermined or not encoding.held_out_weight > 0:
+        if underdetermined or not encoding.held_out.weight > 0:
             return self._with_usage(states, encoding), n_refinements
         for _ in range(REFINE_PASSES):
             if joint:
@@ -623,7 +619,7 @@ class ResidualTraining:
                 tuple(candidate),
                 self.beam_size,
             )
-            best, error = encoding.held_out_mean_error, check.mean_error
+            best, error = encoding.held_out.mean_error, check.mean_error
             kept = error < best * (1.0 - REFINE_RTOL)
             if config.verbose:
                 unit2 = states[0].unit * states[0].unit

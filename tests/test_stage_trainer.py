@@ -18,6 +18,20 @@ from skvq._stage_trainer import (
 )
 
 
+@pytest.fixture
+def trained_sizes(monkeypatch):
+    """The number of rows each stage trainer's fit is given, in order."""
+    sizes = []
+    fit = StageTrainer.fit
+
+    def recording(self, pool, weights, rng):
+        sizes.append(pool.shape[0])
+        return fit(self, pool, weights, rng)
+
+    monkeypatch.setattr(StageTrainer, "fit", recording)
+    return sizes
+
+
 def blobs(n_per=200, n_features=6, seed=0):
     rng = np.random.RandomState(seed)
     centres = 20.0 * np.eye(4, n_features)
@@ -111,18 +125,10 @@ def test_beam_pool_holds_every_kept_path_residual_weighted_as_its_row():
     assert_array_equal(few_weights, np.repeat(weights, 2)[np.concatenate(matches)])
 
 
-def test_residual_stages_learn_from_every_kept_path(monkeypatch):
+def test_residual_stages_learn_from_every_kept_path(trained_sizes):
     X = blobs(n_per=50)[0]
-    sizes = []
-    fit = StageTrainer.fit
-
-    def recording(self, pool, weights, rng):
-        sizes.append(pool.shape[0])
-        return fit(self, pool, weights, rng)
-
-    monkeypatch.setattr(StageTrainer, "fit", recording)
     ResidualVQTransformer(n_codes=8, n_stages=3, beam_size=3, random_state=0).fit(X)
-    assert sizes == [200, 600, 600]
+    assert trained_sizes == [200, 600, 600]
 
 
 def test_max_iter_caps_the_lloyd_iterations_of_each_code_book():
@@ -133,18 +139,12 @@ def test_max_iter_caps_the_lloyd_iterations_of_each_code_book():
     assert 3 * 2 <= pq.fit(X).n_iter_ <= 3 * (2 + 1)
 
 
-def test_product_fit_trains_on_a_bounded_sample_then_counts_all_rows(monkeypatch):
+def test_product_fit_trains_on_a_bounded_sample_then_counts_all_rows(
+    trained_sizes,
+):
     X = np.random.RandomState(0).normal(size=(5000, 4))
-    sizes = []
-    fit = StageTrainer.fit
-
-    def recording(self, pool, weights, rng):
-        sizes.append(pool.shape[0])
-        return fit(self, pool, weights, rng)
-
-    monkeypatch.setattr(StageTrainer, "fit", recording)
     pq = ProductVQTransformer(n_codes=2, n_subspaces=2, random_state=0).fit(X)
-    assert sizes == [stage_trainer.MAX_ROWS_PER_CODE * 2] * 2
+    assert trained_sizes == [stage_trainer.MAX_ROWS_PER_CODE * 2] * 2
     # The last full step counts every row (EMA counts per batch_size rows).
     for view in pq.quantizers_:
         assert_allclose(view.ema_counts_.sum(), pq.batch_size)
