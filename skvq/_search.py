@@ -132,14 +132,20 @@ def kd_tree_pays_off(n_features, n_codes):
 def _exact_sq(X, codes64, rows, cols):
     """``||X[rows] - codes64[cols]||^2`` in float64, exactly rescaled when the
     operands could overflow or underflow; returned in their own units."""
-    left = X[rows].astype(np.float64)
+    left = X[rows].astype(np.float64, copy=False)  # a fresh array either way
     right = codes64[cols]
-    scale = _exact_scale(left, right)
+    # The largest magnitudes of the gathered pairs, from per-row maxima (the
+    # same values as over the pairs, for a fraction of the passes).
+    magnitude = max(
+        float(np.abs(X).max(axis=1, initial=0.0)[rows].max(initial=0.0)),
+        float(np.abs(codes64).max(axis=1, initial=0.0)[cols].max(initial=0.0)),
+    )
+    scale = power_of_two_scale(magnitude, _SAFE_EXPONENT[np.dtype(np.float64)])
     if scale != 1.0:
         left *= scale
-        right = right * scale
-    diff = left - right
-    return unscaled_sq(np.einsum("ij,ij->i", diff, diff), scale), scale
+        right *= scale
+    left -= right
+    return unscaled_sq(np.einsum("ij,ij->i", left, left), scale), scale
 
 
 def _exact_nearest(X, codes64):
