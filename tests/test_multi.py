@@ -150,7 +150,7 @@ def _held_out_error(rvq, X):
 
 
 def test_kept_refinement_passes_lower_the_held_out_error(monkeypatch):
-    X = data(n=3000, n_features=4)
+    X = data(n=3000, n_features=3)
     params = dict(n_codes=8, n_stages=3, random_state=0)
     refined = ResidualVQTransformer(**params).fit(X)
     monkeypatch.setattr(residual, "REFINE_PASSES", 0)
