@@ -279,7 +279,8 @@ _COMMON_PARAMETERS = """
     tol : float, default=1e-4
         The stage trainer's Lloyd iterations stop when the codes move (sum
         of squared shifts) by at most ``tol`` times the sample's mean
-        variance, or lower the distortion by less than 0.01 %.
+        variance, or lower the distortion by less than 0.01 % (product) or
+        0.1 % (residual).
 
     max_no_improvement : int or None, default=10
         Not used by the multi-codebook quantisers (their ``fit`` stops by
