@@ -22,6 +22,7 @@ A stream step (:func:`stream_step`) is one EMA step at ``ema_momentum``,
 then the re-seeding of dead codes and, every few steps, relocation.
 """
 
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -122,15 +123,30 @@ def initial_state(config, source, key, stage, max_rows, rng):
 
 def warn_if_few_rows(n_rows, n_codes):
     """Warn that a code book initialised from ``n_rows`` distinct rows
-    repeats some of them."""
+    repeats some of them, at the user's call (the depth of the schedules
+    between varies)."""
     if n_rows < n_codes:
         warnings.warn(
             f"Only {n_rows} distinct samples of positive weight were "
             f"available to initialise n_codes={n_codes} codes; the code "
             "book repeats some of them.",
             UserWarning,
-            stacklevel=7,
+            stacklevel=_user_stacklevel(),
         )
+
+
+def _user_stacklevel():
+    """The ``stacklevel`` (for a warning raised by this function's caller)
+    of the first frame outside skvq and scikit-learn."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and _library_frame(frame):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _library_frame(frame):
+    package = frame.f_globals.get("__name__", "").partition(".")[0]
+    return package in ("skvq", "sklearn")
 
 
 def dead_codes(state, searched, config, batch_counts=None):

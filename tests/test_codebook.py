@@ -281,6 +281,14 @@ def test_fit_depends_only_on_the_weighted_empirical_distribution():
         assert_array_equal(other.predict(X), weighted.predict(X))
 
 
+@pytest.mark.parametrize("method", ["fit", "partial_fit"])
+def test_too_few_rows_warns_at_the_users_call(method):
+    vq = VQCodebookTransformer(n_codes=8, random_state=0)
+    with pytest.warns(UserWarning, match="Only 1 distinct samples") as record:
+        getattr(vq, method)(np.ones((50, 4)))
+    assert all(w.filename == __file__ for w in record)
+
+
 def test_fewer_samples_than_codes_fills_the_code_book_from_the_data():
     X = blobs(10)
     with pytest.warns(UserWarning, match="Only 10 distinct samples"):

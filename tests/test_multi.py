@@ -329,3 +329,18 @@ def test_least_squares_code_books_reach_the_lstsq_optimum():
     optimum = np.sum((X - onehot @ best) ** 2)
     assert np.sum((X - decoded) ** 2) == pytest.approx(optimum, rel=1e-6)
     assert_allclose(solved[1][3], 7.0, atol=1e-6)  # unused: kept in place
+
+
+@pytest.mark.parametrize(
+    "fit",
+    [
+        lambda X: ResidualVQTransformer(4, 2, random_state=0).fit(X),
+        lambda X: ResidualVQTransformer(4, 2, random_state=0).partial_fit(X),
+        lambda X: ProductVQTransformer(4, 2, random_state=0).fit(X),
+        lambda X: ProductVQTransformer(4, 2, random_state=0).partial_fit(X),
+    ],
+)
+def test_too_few_rows_warns_at_the_users_call(fit):
+    with pytest.warns(UserWarning, match="Only 1 distinct samples") as record:
+        fit(np.ones((50, 4)))
+    assert all(w.filename == __file__ for w in record)
