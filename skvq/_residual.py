@@ -357,8 +357,11 @@ class Encoding:
 
 def held_out(X):
     """Whether each row is held out of the refinement's solves (a share
-    ``HELD_OUT_SHARE`` of the rows, by their values alone)."""
-    return row_priority(X) < HELD_OUT_SHARE
+    ``HELD_OUT_SHARE`` of the rows, by their values alone): those of
+    highest priority, the last that a canonical training sample takes (so
+    that, on data larger than the stage trainer's sample, the greedy
+    stages never saw them)."""
+    return row_priority(X) >= 1.0 - HELD_OUT_SHARE
 
 
 @dataclass(frozen=True)

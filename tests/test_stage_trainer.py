@@ -6,6 +6,7 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 from sklearn.decomposition import PCA
 
+import skvq._residual as residual
 import skvq._stage_trainer as stage_trainer
 from skvq import ProductVQTransformer, ResidualVQTransformer
 from skvq._residual import beam_pool
@@ -148,3 +149,20 @@ def test_product_fit_trains_on_a_bounded_sample_then_counts_all_rows(
     # The last full step counts every row (EMA counts per batch_size rows).
     for view in pq.quantizers_:
         assert_allclose(view.ema_counts_.sum(), pq.batch_size)
+
+
+def test_refinement_holds_out_rows_the_greedy_stages_never_saw(monkeypatch):
+    X = np.random.RandomState(0).normal(size=(5000, 3))
+    pools = []
+    fit = StageTrainer.fit
+
+    def recording(self, pool, weights, rng):
+        pools.append(pool.copy())
+        return fit(self, pool, weights, rng)
+
+    monkeypatch.setattr(StageTrainer, "fit", recording)
+    ResidualVQTransformer(n_codes=2, n_stages=2, random_state=0).fit(X)
+    sample = pools[0]  # the first stage learns the sample's rows themselves
+    assert sample.shape[0] == stage_trainer.MAX_ROWS_PER_CODE * 2
+    assert not residual.held_out(sample).any()
+    assert residual.held_out(X).sum() > 500
