@@ -22,7 +22,7 @@ A stream step (:func:`stream_step`) is one EMA step at ``ema_momentum``,
 then the re-seeding of dead codes and, every few steps, relocation.
 """
 
-import sys
+import inspect
 import warnings
 from dataclasses import dataclass
 
@@ -138,7 +138,7 @@ def warn_if_few_rows(n_rows, n_codes):
 def _user_stacklevel():
     """The ``stacklevel`` (for a warning raised by this function's caller)
     of the first frame outside skvq and scikit-learn."""
-    frame, level = sys._getframe(1), 1
+    frame, level = inspect.currentframe().f_back, 1
     while frame is not None and _library_frame(frame):
         frame, level = frame.f_back, level + 1
     return level
