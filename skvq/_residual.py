@@ -327,26 +327,18 @@ class HeldOutError:
 
 @dataclass(frozen=True)
 class Encoding:
-    """The error of encoding the rows, each code's weight and error (fit
-    units: per ``batch_rows``), the error of the held-out rows, and the
-    normal equations of the codes of the other rows."""
+    """Each code's weight and error from encoding the rows, the error of
+    the held-out rows, and the normal equations of the codes of the other
+    rows."""
 
-    error: float  # sum of w_i times squared error
-    weight: float
     counts: np.ndarray  # (n_stages, n_codes)
     distortions: np.ndarray  # (n_stages, n_codes)
     held_out: HeldOutError = HeldOutError()
     gram: np.ndarray | None = None
     rhs: np.ndarray | None = None
 
-    @property
-    def mean_error(self):
-        return self.error / self.weight
-
     def __add__(self, other):
         return Encoding(
-            self.error + other.error,
-            self.weight + other.weight,
             self.counts + other.counts,
             self.distortions + other.distortions,
             self.held_out + other.held_out,
@@ -394,8 +386,6 @@ class Encode(_StagesRequest):
                 X[solve], weights[solve], codes[solve], self.n_codes
             )
         return Encoding(
-            float(lost.sum()),
-            float(weights.sum()),
             counts,
             distortions,
             HeldOutError(float(lost[check].sum()), float(weights[check].sum())),
@@ -603,9 +593,10 @@ class ResidualTraining:
         config = self.config
         n_codes = config.n_codes
         joint = len(states) * n_codes <= JOINT_SOLVE_MAX
-        encoding = yield self._encode(states, joint)
-        n_refinements = 0
         underdetermined = self.source.plan.n_rows < len(states) * n_codes
+        # The normal equations only when a solve may follow.
+        encoding = yield self._encode(states, joint and not underdetermined)
+        n_refinements = 0
         if underdetermined or not encoding.held_out.weight > 0:
             return self._with_usage(states, encoding), n_refinements
         for _ in range(REFINE_PASSES):
