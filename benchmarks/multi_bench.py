@@ -9,6 +9,9 @@ held-out rows, training time and encode throughput, on:
   32,000 training, 8,000 held out);
 - ``make_low_rank_matrix(60000, 128, effective_rank=16)`` (48,000 / 12,000).
 
+Encode throughput is measured on 100,000 rows (the held-out rows repeated),
+best of three calls.
+
 faiss-cpu and nanopq are optional (``pip install faiss-cpu nanopq``); the
 contenders that are missing are skipped.
 
@@ -36,6 +39,9 @@ except ImportError:  # pragma: no cover
     nanopq = None
 
 M, NBITS = 8, 8
+# Rows of the encode timing (the held-out rows repeated), and its repeats.
+ENCODE_ROWS = 100_000
+ENCODE_REPEATS = 3
 
 
 def split(X, n_test, seed=0):
@@ -142,20 +148,27 @@ def run(name, train, test):
         f"\n## {name}: {train.shape[0]} training rows, {test.shape[0]} held out, "
         f"{train.shape[1]} features"
     )
-    print("\n| contender | relative MSE (held out) | training (s) | encode (rows/s) |")
+    print(
+        "\n| contender | relative MSE (held out) | training (s) "
+        f"| encode {ENCODE_ROWS:,} rows (rows/s) |"
+    )
     print("|---|---|---|---|")
+    many = np.ascontiguousarray(np.resize(test, (ENCODE_ROWS, test.shape[1])))
     for label, make in contenders(train.shape[1]).items():
         model = make()
         start = time.perf_counter()
         model.train(train)
         train_time = time.perf_counter() - start
-        start = time.perf_counter()
         codes = model.encode(test)
-        encode_time = time.perf_counter() - start
         error = np.mean(np.sum((test - model.decode(codes)) ** 2, axis=1)) / total
+        encode_time = np.inf
+        for _ in range(ENCODE_REPEATS):
+            start = time.perf_counter()
+            model.encode(many)
+            encode_time = min(encode_time, time.perf_counter() - start)
         print(
             f"| {label} | {error:.4f} | {train_time:.2f} "
-            f"| {test.shape[0] / encode_time:,.0f} |",
+            f"| {ENCODE_ROWS / encode_time:,.0f} |",
             flush=True,
         )
         time.sleep(0.5)

@@ -122,7 +122,8 @@ class VQCodebookTransformer(QuantizerBase):
           ``n_codes >= 1024`` with at most 12 features or
           ``n_codes >= 4096`` with at most 16; ``"brute"`` otherwise.  The
           rule holds on the Intel and AMD machines measured (see the
-          Performance page).
+          Performance page).  With one feature, a binary search of the
+          sorted codes (the nearest code brackets the value).
 
     batch_size : int, default=1024
         The number of rows of a stream's batch: the unit of ``ema_counts_``

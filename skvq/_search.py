@@ -15,6 +15,12 @@ Two backends return the same codes:
 - ``"kd_tree"`` queries a :class:`scipy.spatial.cKDTree` for the two nearest
   codes and sends near ties to the same exact re-check.
 
+With one feature, ``"auto"`` searches the sorted codes instead
+(:func:`numpy.searchsorted`): the nearest code is one of the two that
+bracket the value, compared exactly, for ``log2(n_codes)`` steps a row
+instead of ``n_codes`` (residual and product stages fit their first
+principal dimension alone, see :mod:`skvq._stage_trainer`).
+
 The answer is therefore the code that a direct float64 computation of
 ``sum((x - e) ** 2)`` returns, ties going to the lowest index, whatever the
 block size or the number of threads.
@@ -49,6 +55,9 @@ from ._threads import TASK_ELEMENTS, n_threads, run_tasks, working_memory_rows
 # more than at 2**18 on one thread, and four times fewer NumPy calls under
 # the GIL let two threads scale at 3 features (docs/performance.rst).
 _BLOCK_ELEMENTS = 2**20
+# Bytes of temporaries per row of the one-feature sorted search (a few
+# arrays of four candidates).
+_LINE_ROW_BYTES = 256
 # Elements of the temporary (rows, codes, features) array in the exact check.
 _EXACT_ELEMENTS = 2**21
 # Binary exponents of the code spread within which a dtype's products are
@@ -200,15 +209,17 @@ def _exact_ranked_rows(X, codes64, candidates, magnitude):
     index) and those distances.
     """
     candidates = np.sort(candidates, axis=1)  # so that stable ties go lowest
-    left = X.astype(np.float64)
     scale = power_of_two_scale(magnitude, _SAFE_EXPONENT[np.dtype(np.float64)])
+    left = X.astype(np.float64, copy=scale != 1.0)
     if scale != 1.0:
         left *= scale
     sq = np.empty(candidates.shape)
+    right = scratch("ranked-right", X.shape, np.float64)
     # One candidate at a time: (rows, features) arrays stay in cache, where
     # (rows, k, features) ones do not (2.5 times faster at k=5, d=192).
     for j in range(candidates.shape[1]):
-        right = codes64[candidates[:, j]]
+        # mode="clip" (valid indices): the default buffers ``out`` anew.
+        np.take(codes64, candidates[:, j], 0, right, "clip")
         if scale != 1.0:
             right *= scale
         right -= left
@@ -445,6 +456,18 @@ class CodebookIndex:
             return self.codebook.astype(np.float64) * self.scale
         return self.codebook * self.codebook.dtype.type(self.scale)
 
+    def _uses_line(self):
+        """Whether nearest-code queries search the sorted codes (one
+        feature, ``algorithm="auto"``)."""
+        return self.algorithm == "auto" and self.codes64.shape[1] == 1
+
+    @cached_property
+    def _line(self):
+        """The indices of the distinct codes of a one-feature code book in
+        ascending order, and the codes in that order (times ``tree_scale``)."""
+        order = np.argsort(self.codes64[:, 0], kind="stable")
+        return order, self.codes64[order, 0] * self.tree_scale
+
     def _uses_tree(self):
         """Whether queries go to the k-d tree."""
         if self.algorithm == "brute":
@@ -474,7 +497,11 @@ class CodebookIndex:
         second = np.zeros(n_rows) if return_second else None
         threads = n_threads(n_jobs)
         codes = self._codes_for(X.dtype)
-        if self._uses_tree():
+        if self._uses_line():
+            block = working_memory_rows(_LINE_ROW_BYTES, n_rows, threads)
+            search = self._line_block
+            tasks = dict(n_threads=threads, min_task_rows=TASK_ELEMENTS // 8)
+        elif self._uses_tree():
             block = working_memory_rows(8 * X.shape[1] + 64, n_rows)
 
             def search(rows):
@@ -563,6 +590,42 @@ class CodebookIndex:
             lower[far] = 0.0
         np.maximum(lower, 0.0, out=lower)
         return labels, unscaled_sq(lower, prep.scale)
+
+    def _line_block(self, X):
+        """Nearest codes of a block of one-feature rows, and the exact
+        squared distances to the second nearest (lower bounds)."""
+        order, line = self._line
+        n_codes = line.shape[0]
+        with np.errstate(over="ignore", invalid="ignore"):
+            # Rows beyond float64 at this scale tie at inf and go to the
+            # exact check below.
+            x = X[:, 0].astype(np.float64) * self.tree_scale
+            # line[above - 1] < x <= line[above]: the nearest code is one of
+            # these two, the second nearest one of the four from above - 2
+            # to above + 1.
+            above = np.searchsorted(line, x)
+            near = above[:, None] + np.arange(-2, 2)
+            valid = (near >= 0) & (near < n_codes)
+            np.clip(near, 0, n_codes - 1, out=near)
+            diff = line[near] - x[:, None]
+            sq = diff * diff
+        sq[~valid] = np.inf
+        # The closer of the bracketing two, ties to the lower index.
+        ids = order[near]
+        take_above = (sq[:, 2] < sq[:, 1]) | (
+            (sq[:, 2] == sq[:, 1]) & (ids[:, 2] < ids[:, 1])
+        )
+        labels = np.where(take_above, ids[:, 2], ids[:, 1])
+        best = np.where(take_above, sq[:, 2], sq[:, 1])
+        other = np.where(take_above, sq[:, 1], sq[:, 2])
+        second = np.minimum(np.minimum(sq[:, 0], sq[:, 3]), other)
+        # Rounded distances grow (weakly) away from x on either side, so the
+        # minimum is bracketing; codes beyond may tie with it only where a
+        # rounded distance equals it, and those rows are checked on all codes.
+        ties = np.flatnonzero(second == best)
+        if ties.size:
+            labels[ties] = _exact_nearest(X[ties], self.codes64)
+        return labels, unscaled_sq(second, self.tree_scale)
 
     def _kd_block(self, X, n_threads):
         """Nearest codes of a block, and lower bounds on the second distances."""

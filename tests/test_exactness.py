@@ -238,3 +238,39 @@ def test_n_iter_counts_fit_steps_and_is_zero_after_partial_fit_alone(Estimator):
     X = sample(n=300, n_features=6)
     assert Estimator(8, 2, random_state=0).partial_fit(X).n_iter_ == 0
     assert Estimator(8, 2, random_state=0).fit(X).n_iter_ > 0
+
+
+# ------------------------------------------------------------ one feature
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_one_feature_search_is_exact_with_ties_to_the_lowest_index(dtype):
+    rng = np.random.RandomState(0)
+    codes = (rng.randint(-6, 7, size=(40, 1)) / 2).astype(dtype)  # duplicates
+    X = (rng.randint(-16, 17, size=(500, 1)) / 4).astype(dtype)  # midpoints
+    index = CodebookIndex(codes, "auto")
+    labels, sq, second = index.nearest(X, return_sq_dist=True, return_second=True)
+    d2 = (X.astype(float) - codes.astype(float).T) ** 2
+    assert_array_equal(labels, nearest(X.astype(float), codes.astype(float)))
+    assert_allclose(sq, d2.min(axis=1))
+    # A lower bound on the distance to every other code.
+    others = np.where(np.arange(40) == labels[:, None], np.inf, d2)
+    assert np.all(second <= others.min(axis=1))
+
+
+def test_one_feature_search_breaks_rounded_ties_like_the_float64_search():
+    # 0.5 - c rounds to 0.5 for every one of these tiny codes: all tie, and
+    # the lowest index wins, as in the float64 search.
+    codes = np.array([[3e-18], [-2e-17], [1e-17], [2.5e-17]])
+    X = np.array([[0.5], [-0.5], [0.0]])
+    labels, _ = CodebookIndex(codes, "auto").nearest(X)
+    assert_array_equal(labels, CodebookIndex(codes, "brute").nearest(X)[0])
+    assert_array_equal(labels[:2], [0, 0])
+
+
+def test_one_feature_search_is_exact_at_extreme_scales():
+    rng = np.random.RandomState(1)
+    # Subnormal values: their squared differences underflow unscaled.
+    codes = np.ldexp(rng.normal(size=(30, 1)), -1060)
+    X = np.ldexp(rng.normal(size=(200, 1)), -1060)
+    labels, _ = CodebookIndex(codes, "auto").nearest(X)
+    scaled = nearest(np.ldexp(X, 1060), np.ldexp(codes, 1060))
+    assert_array_equal(labels, scaled)
