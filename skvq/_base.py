@@ -21,6 +21,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._kernels import weighted_mean
 from ._sources import in_memory_source
+from ._sparse import canonical_csr, is_sparse
 from ._state import CodebookState, TrainingConfig
 from ._validation import checked_weights, quiet_validation
 
@@ -133,18 +134,41 @@ class QuantizerBase(TransformerMixin, BaseEstimator):
             cached = self._validated_params = (current, self._config())
         return cached[1]
 
+    # Whether the estimator takes SciPy sparse input (as canonical CSR).
+    _accepts_sparse = False
+
     def _validate_batch(self, X, sample_weight, *, reset):
-        """Validated rows (C-contiguous float32 or float64) and weights."""
+        """Validated rows (C-contiguous float32 or float64, or canonical CSR)
+        and weights."""
         if not reset and self._is_clean_batch(X):
             # The checks validate_data would make, for a plain float array.
             if sample_weight is None:
                 return X, np.ones(X.shape[0])
             return X, checked_weights(sample_weight, X)
+        X = self._validated(X, reset=reset, order="C")
+        return X, checked_weights(sample_weight, X)
+
+    def _validated(self, X, *, reset, order=None):
+        """``validate_data`` of float rows; sparse ones, where the estimator
+        takes them, as CSR in canonical form (:mod:`skvq._sparse`)."""
+        if is_sparse(X) and not self._accepts_sparse:
+            raise TypeError(
+                f"{type(self).__name__} does not accept sparse input: its code "
+                "books quantise dense slices or residuals of the rows. Use "
+                "VQCodebookTransformer, which trains and encodes sparse rows "
+                "without densifying them, or X.toarray() if the dense rows fit "
+                "in memory."
+            )
         with quiet_validation():
             X = validate_data(
-                self, X, dtype=[np.float64, np.float32], order="C", reset=reset
+                self,
+                X,
+                dtype=[np.float64, np.float32],
+                order=order,
+                accept_sparse="csr" if self._accepts_sparse else False,
+                reset=reset,
             )
-        return X, checked_weights(sample_weight, X)
+        return canonical_csr(X) if is_sparse(X) else X
 
     def _is_clean_batch(self, X):
         """Whether ``X`` is a C-contiguous, finite float array of the right width.
@@ -194,8 +218,7 @@ class QuantizerBase(TransformerMixin, BaseEstimator):
 
     def _validated_query(self, X):
         check_is_fitted(self)
-        with quiet_validation():
-            return validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        return self._validated(X, reset=False)
 
     def _checked_dask(self, X, *, reset):
         """A Dask array checked for shape, dtype and width (values are checked
@@ -252,6 +275,7 @@ class QuantizerBase(TransformerMixin, BaseEstimator):
     # -------------------------------------------------------------- misc
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = self._accepts_sparse
         if self.encode == "index":
             tags.transformer_tags.preserves_dtype = []
         else:

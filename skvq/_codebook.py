@@ -307,6 +307,8 @@ class VQCodebookTransformer(QuantizerBase):
     array([[0.05, 0.  ]])
     """
 
+    _accepts_sparse = True
+
     _parameter_constraints: dict = {
         **QuantizerBase._parameter_constraints,
         "commitment_weight": [Interval(Real, 0, None, closed="left")],

@@ -64,6 +64,13 @@ def checked_array(X, *, n_features, name):
         raise ValueError(
             f"Expected a 2D Dask array, got a {X.ndim}D array of shape {X.shape}."
         )
+    if sparse.issparse(getattr(X, "_meta", None)):
+        raise TypeError(
+            f"{name} does not accept Dask arrays of sparse chunks: pass the "
+            "SciPy sparse matrix itself (VQCodebookTransformer trains on it "
+            "without densifying), or dense chunks (X.map_blocks(lambda b: "
+            "b.toarray())) if they fit in memory."
+        )
     if X.dtype.kind not in "biuf":
         kind = "Complex data" if X.dtype.kind == "c" else f"dtype {X.dtype}"
         raise ValueError(f"{kind} not supported: X must hold real numbers.")

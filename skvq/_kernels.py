@@ -1,7 +1,8 @@
 """Numeric kernels of the EMA code book: initialisation, statistics, update.
 
 Every function here assumes that its inputs were validated by the estimator:
-finite float arrays of consistent shapes, non-negative sample weights with a
+finite float arrays (or CSR matrices in canonical form, see
+:mod:`skvq._sparse`) of consistent shapes, non-negative sample weights with a
 positive sum, and a NumPy random generator for the random draws.  They never
 modify their inputs.  Every decision they make is invariant under a
 power-of-two scaling of the data (it only changes exponents), which is what
@@ -14,6 +15,7 @@ from functools import lru_cache
 import numpy as np
 from scipy import sparse
 
+from . import _sparse
 from ._search import scratch
 from ._threads import n_threads, run_tasks
 
@@ -50,8 +52,9 @@ def kmeans_plusplus(points, weights, n_codes, rng):
     to weight times squared distance to the seeds so far.  Distances are
     computed on centred points divided by a power of two (exact) that brings
     their largest entry to [1, 2), in float32 unless the points span too many
-    orders of magnitude for it; the draws are therefore the same for the
-    points at any scale.  Stops early when every point is a seed.
+    orders of magnitude for it (sparse points: not centred, in float64); the
+    draws are therefore the same for the points at any scale.  Stops early
+    when every point is a seed.
 
     Returns
     -------
@@ -61,6 +64,26 @@ def kmeans_plusplus(points, weights, n_codes, rng):
     n_points = points.shape[0]
     n_seeds = min(n_codes, n_points)
     n_trials = _TRIALS_FACTOR * (2 + int(np.log(n_codes)))
+    distances = _sparse_seed_distances if _sparse.is_sparse(points) else _seed_distances
+    sq_dist = distances(points)
+    seeds = np.empty(n_seeds, dtype=np.intp)
+    seeds[0] = weighted_draw(weights, 1, rng)[0]
+    closest = sq_dist(seeds[:1])[0]
+    for c in range(1, n_seeds):
+        potential = weights * closest
+        candidates = weighted_draw(potential, n_trials, rng)
+        dist = sq_dist(candidates)
+        np.minimum(dist, closest[None, :], out=dist)
+        best = np.argmin(dist @ weights.astype(dist.dtype))
+        seeds[c] = candidates[best]
+        closest = dist[best]
+    return seeds
+
+
+def _seed_distances(points):
+    """The squared distances of k-means++ seeding: ``sq_dist(idx)`` of the
+    points ``idx`` to every point, on centred points divided by a power of
+    two (exact), in float32 when their dynamic range allows."""
     centred = points - points.mean(axis=0)
     largest = np.abs(centred).max(initial=0.0)
     if largest > 0:
@@ -82,18 +105,29 @@ def kmeans_plusplus(points, weights, n_codes, rng):
         d[np.arange(idx.shape[0]), idx] = 0.0
         return d
 
-    seeds = np.empty(n_seeds, dtype=np.intp)
-    seeds[0] = weighted_draw(weights, 1, rng)[0]
-    closest = sq_dist(seeds[:1])[0]
-    for c in range(1, n_seeds):
-        potential = weights * closest
-        candidates = weighted_draw(potential, n_trials, rng)
-        dist = sq_dist(candidates)
-        np.minimum(dist, closest[None, :], out=dist)
-        best = np.argmin(dist @ weights.astype(dist.dtype))
-        seeds[c] = candidates[best]
-        closest = dist[best]
-    return seeds
+    return sq_dist
+
+
+def _sparse_seed_distances(points):
+    """:func:`_seed_distances` of CSR points: products with the chosen
+    points (float64, not centred: centring would fill the rows), on points
+    divided by a power of two that brings their largest entry to [1, 2)."""
+    largest = float(np.abs(points.data).max(initial=0.0))
+    scale = float(np.ldexp(1.0, 1 - int(np.frexp(largest)[1]))) if largest > 0 else 1.0
+    points = _sparse.scaled(points, scale)
+    points_t = points.T.tocsr()
+    sq_norms = _sparse.row_sq_norms(points)
+
+    def sq_dist(idx):
+        d = np.asarray((points[idx] @ points_t).toarray())
+        d *= -2.0
+        d += sq_norms
+        d += sq_norms[idx][:, None]
+        np.maximum(d, 0.0, out=d)
+        d[np.arange(idx.shape[0]), idx] = 0.0
+        return d
+
+    return sq_dist
 
 
 def random_seeds(points, weights, n_codes, rng):
@@ -125,7 +159,16 @@ def init_codebook(sample, n_codes, method, rng):
     if seeds.shape[0] < n_codes:
         extra = weighted_draw(sample.weights, n_codes - seeds.shape[0], rng)
         seeds = np.concatenate([seeds, extra])
-    return sample.points[seeds]
+    return dense_rows(sample.points, seeds)
+
+
+def dense_rows(points, idx):
+    """Rows ``idx`` of ``points`` as a dense float64 array (a few rows of a
+    sparse sample become code vectors)."""
+    chosen = points[idx]
+    if _sparse.is_sparse(chosen):
+        return chosen.toarray().astype(np.float64, copy=False)
+    return chosen
 
 
 def code_statistics(X, labels, sample_weight, n_codes, n_jobs=None):
@@ -145,6 +188,8 @@ def code_statistics(X, labels, sample_weight, n_codes, n_jobs=None):
     """
     n_samples = X.shape[0]
     counts = np.bincount(labels, weights=sample_weight, minlength=n_codes)
+    if _sparse.is_sparse(X):  # one product, in row order: no threads
+        return counts, _sparse.code_sums(X, labels, sample_weight, n_codes)
     chunk = _STATISTICS_CHUNK
     if n_samples <= chunk:
         return counts, _chunk_sums(X, labels, sample_weight, n_codes)
@@ -405,10 +450,14 @@ def reseed_dead_codes(codebook, dead, pool, rng):
         potential = weights * d2
         if not potential.sum() > 0:
             break
-        pick = points[weighted_draw(potential, 1, rng)[0]]
+        pick = dense_rows(points, weighted_draw(potential, 1, rng)[:1])[0]
         reseeded.append(k)
         vectors.append(pick)
-        np.minimum(d2, np.einsum("ij,ij->i", points - pick, points - pick), out=d2)
+        if _sparse.is_sparse(points):
+            to_pick = _sparse.sq_dist_to_vectors(points, pick[None, :])[:, 0]
+        else:
+            to_pick = np.einsum("ij,ij->i", points - pick, points - pick)
+        np.minimum(d2, to_pick, out=d2)
     n_features = codebook.shape[1]
     return (
         np.asarray(reseeded, dtype=np.intp),
@@ -443,6 +492,8 @@ class Moments:
         if not total > 0:
             zeros = np.zeros(X.shape[1])
             return cls(0.0, zeros, zeros)
+        if _sparse.is_sparse(X):
+            return cls(*_sparse.moments(X, sample_weight))
         mean = (sample_weight @ X) / total
         centred = X - mean
         centred *= centred

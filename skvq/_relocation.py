@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _sparse
 from ._rows import WeightedRows, canonical_sample, merge_samples, row_priority
 
 # A cell is split only when it holds at least this many rows: the gain is
@@ -116,9 +117,44 @@ def _two_means(Y, v):
     return a, b, float(w_b / total)
 
 
+def _sparse_two_means(Y, v):
+    """:func:`_two_means` of CSR rows: the same steps with the centring left
+    implicit (``(y - m).a = y.a - m.a``), which keeps the rows sparse."""
+    total = v.sum()
+    weighted_sum = Y.T @ v
+    mean = weighted_sum / total
+    sq = _sparse.sq_dist_to_vectors(Y, mean[None, :])[:, 0]
+    axis = Y[[int(np.argmax(sq))]].toarray()[0] - mean
+    for _ in range(_AXIS_ITER):
+        along = v * (Y @ axis - mean @ axis)
+        axis = Y.T @ along - mean * along.sum()
+        norm = np.sqrt(axis @ axis)
+        if not norm > 0:
+            return None
+        axis /= norm
+    near_b = Y @ axis - mean @ axis > 0
+    for _ in range(_TWO_MEANS_ITER + 1):
+        in_b = v * near_b
+        w_b = in_b.sum()
+        if not 0 < w_b < total:
+            return None
+        b_sum = Y.T @ in_b
+        b = b_sum / w_b
+        a = (weighted_sum - b_sum) / (total - w_b)
+        near_b = Y @ (b - a) > 0.5 * (b @ b - a @ a)
+    return a, b, float(w_b / total)
+
+
 def _sq_dist(Y, c):
+    if _sparse.is_sparse(Y):
+        return _sparse.sq_dist_to_vectors(Y, c[None, :])[:, 0]
     diff = Y - c
     return np.einsum("ij,ij->i", diff, diff)
+
+
+def _children(Y, v):
+    """:func:`_two_means` of dense or sparse rows."""
+    return _sparse_two_means(Y, v) if _sparse.is_sparse(Y) else _two_means(Y, v)
 
 
 def split_cell(Y, v, code, min_gain=0.0):
@@ -145,7 +181,7 @@ def split_cell(Y, v, code, min_gain=0.0):
     """
     Y = Y.astype(np.float64, copy=False)
     code = code.astype(np.float64)
-    children = _two_means(Y, v)
+    children = _children(Y, v)
     if children is None:
         return 0.0, None
     a, b, b_share = children
@@ -157,7 +193,7 @@ def split_cell(Y, v, code, min_gain=0.0):
     folds = (np.sort(rank[0::2]), np.sort(rank[1::2]))
     gain = 0.0
     for fit_rows, test_rows in (folds, folds[::-1]):
-        fold = _two_means(Y[fit_rows], v[fit_rows])
+        fold = _children(Y[fit_rows], v[fit_rows])
         if fold is None:
             return 0.0, None
         test = Y[test_rows]

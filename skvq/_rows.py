@@ -19,6 +19,10 @@ their repetition or the chunks they arrived in.  This module gives them:
   union is the subset of the parts' subsets (:func:`merge_samples`), so
   chunks can send their own.
 
+Rows may be sparse (CSR in canonical form, :mod:`skvq._sparse`): priorities,
+stage hashes and canonical orders are then the same numbers as for the
+dense rows; equal rows are grouped by a hash of their stored entries.
+
 Every quantity here is invariant under a power-of-two scaling of the rows:
 projections scale exactly, priorities use each row's own binary exponent.
 The projections are running sums along each row, so that a row's value never
@@ -30,6 +34,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+
+from . import _sparse
 
 # Priorities are the fractional part of this multiple of a normalised
 # projection: large enough to scatter nearby rows over [0, 1), small enough
@@ -78,13 +84,23 @@ def row_priority(rows):
     the row is divided by a power of two that brings its largest entry into
     [0.5, 1): the same for a row at any scale, the same for equal rows.
     """
-    largest = np.abs(rows).max(axis=1, initial=0.0)
+    sparse_rows = _sparse.is_sparse(rows)
+    if sparse_rows:
+        largest = _sparse.row_abs_max(rows)
+    else:
+        largest = np.abs(rows).max(axis=1, initial=0.0)
     exponent = np.frexp(largest)[1]
     # Exponents are clipped where 2**-exponent would leave float64 (rows
     # beyond 2**+-1000, which internal units never produce).
     np.clip(exponent, -1000, 1000, out=exponent)
-    normalised = rows * np.ldexp(1.0, -exponent)[:, None]
-    priority = project(normalised, _directions(rows.shape[1])[1])
+    direction = _directions(rows.shape[1])[1]
+    if sparse_rows:
+        terms = rows.data * np.ldexp(1.0, -exponent)[_sparse.row_ids(rows)]
+        terms *= direction[rows.indices]
+        priority = _sparse.running_row_sums(rows, terms)
+    else:
+        normalised = rows * np.ldexp(1.0, -exponent)[:, None]
+        priority = project(normalised, direction)
     priority *= _PRIORITY_SPREAD
     priority -= np.floor(priority)
     return priority
@@ -106,11 +122,18 @@ def stage_priority(X, exponent):
     number in any array, chunk or backend.  Equal rows get equal numbers.
     """
     n_rows, n_features = X.shape
-    scaled = X * X.dtype.type(np.ldexp(1.0, -int(exponent)))
+    values = X.data if _sparse.is_sparse(X) else X
+    scaled = values * X.dtype.type(np.ldexp(1.0, -int(exponent)))
     scaled += 0.0  # -0.0 + 0.0 == +0.0: equal values get equal bits
     bits = scaled.view(np.uint32 if X.dtype == np.float32 else np.uint64)
-    multipliers = np.resize(_STAGE_MULTIPLIERS, n_features).astype(bits.dtype)
-    key = (bits * multipliers).sum(axis=1, dtype=bits.dtype).astype(np.uint64)
+    if _sparse.is_sparse(X):
+        # Zeros add nothing to the sum: the dense rows' numbers.
+        multipliers = _STAGE_MULTIPLIERS[X.indices % _STAGE_MULTIPLIERS.shape[0]]
+        key = _sparse.row_wrapping_sums(X, bits * multipliers.astype(bits.dtype))
+        key = key.astype(np.uint64)
+    else:
+        multipliers = np.resize(_STAGE_MULTIPLIERS, n_features).astype(bits.dtype)
+        key = (bits * multipliers).sum(axis=1, dtype=bits.dtype).astype(np.uint64)
     key = _mix64(key)
     return (key >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
@@ -119,9 +142,15 @@ def canonical_order(rows):
     """Indices that sort distinct ``rows`` canonically (see the module)."""
     if rows.shape[0] < 2:
         return np.arange(rows.shape[0])
-    key = project(rows, _directions(rows.shape[1])[0])
+    direction = _directions(rows.shape[1])[0]
+    if _sparse.is_sparse(rows):
+        key = _sparse.running_row_sums(rows, rows.data * direction[rows.indices])
+    else:
+        key = project(rows, direction)
     order = np.argsort(key, kind="stable")
     if np.any(key[order[1:]] == key[order[:-1]]):
+        if _sparse.is_sparse(rows):
+            return np.lexsort((_sparse.tie_ranks(rows, key), key))
         # An exact tie between distinct rows: lexicographic among ties.
         columns = tuple(rows[:, j] for j in reversed(range(rows.shape[1])))
         order = np.lexsort(columns + (key,))
@@ -153,8 +182,11 @@ def group_rows(X):
         The group of each row.
     """
     rows = X.astype(np.float64)
-    rows += 0.0  # -0.0 + 0.0 == +0.0: equal values get equal bits
-    first, inverse = _equal_rows(rows)
+    if _sparse.is_sparse(rows):  # canonical: no stored zeros, nor -0.0
+        first, inverse = _equal_sparse_rows(rows)
+    else:
+        rows += 0.0  # -0.0 + 0.0 == +0.0: equal values get equal bits
+        first, inverse = _equal_rows(rows)
     order = canonical_order(rows[first])
     rank = np.empty_like(order)
     rank[order] = np.arange(order.shape[0])
@@ -185,10 +217,38 @@ def _equal_rows(rows):
                 rows, axis=0, return_index=True, return_inverse=True
             )
             return first, inverse.reshape(-1)
+    return _groups_of_sorted_keys(order, same_key)
+
+
+def _equal_sparse_rows(rows):
+    """:func:`_equal_rows` of CSR rows: a hash of their stored (column,
+    value) pairs."""
+    n_rows = rows.shape[0]
+    if n_rows == 0:
+        return np.zeros(0, dtype=np.intp), np.zeros(0, dtype=np.intp)
+    offsets = rows.indices.astype(np.uint64) + np.uint64(1)
+    offsets *= np.uint64(0x9E3779B97F4A7C15)
+    mixed = _mix64(rows.data.view(np.uint64) + offsets)
+    key = _mix64(_sparse.row_wrapping_sums(rows, mixed))
+    order = np.argsort(key, kind="stable")
+    key = key[order]
+    same_key = key[1:] == key[:-1]
+    if same_key.any():
+        tied = np.flatnonzero(same_key)
+        for t in tied:
+            a, b = order[t], order[t + 1]
+            if _sparse.row_bytes(rows, a) != _sparse.row_bytes(rows, b):
+                return _sparse.groups_by_bytes(rows)
+    return _groups_of_sorted_keys(order, same_key)
+
+
+def _groups_of_sorted_keys(order, same_key):
+    """First row of each group and each row's group, from the stable order of
+    the rows' keys and which sorted neighbours share a key."""
     starts = np.flatnonzero(np.concatenate(([True], ~same_key)))
-    group = np.zeros(n_rows, dtype=np.intp)
+    group = np.zeros(order.shape[0], dtype=np.intp)
     group[starts[1:]] = 1
-    inverse = np.empty(n_rows, dtype=np.intp)
+    inverse = np.empty(order.shape[0], dtype=np.intp)
     inverse[order] = np.cumsum(group)
     # The stable sort lists equal rows in ascending order: the first is the
     # group's first row.
@@ -203,7 +263,7 @@ class WeightedRows:
     distance, say).
     """
 
-    points: np.ndarray  # (n, n_features), float64
+    points: np.ndarray  # (n, n_features), float64 (CSR for sparse rows)
     weights: np.ndarray  # (n,)
     values: np.ndarray | None = None  # (n,)
 
@@ -282,7 +342,10 @@ def merge_samples(parts, max_rows=None):
     if len(parts) == 1 and (max_rows is None or parts[0].n_rows <= max_rows):
         return parts[0]
     has_values = parts[0].values is not None
-    points = np.concatenate([p.points for p in parts])
+    if _sparse.is_sparse(parts[0].points):
+        points = _sparse.vstack([p.points for p in parts])
+    else:
+        points = np.concatenate([p.points for p in parts])
     weights = np.concatenate([p.weights for p in parts])
     values = np.concatenate([p.values for p in parts]) if has_values else None
     return canonical_sample(points, weights, values, max_rows)

@@ -47,6 +47,7 @@ from functools import cached_property, lru_cache
 import numpy as np
 from scipy.spatial import cKDTree
 
+from . import _sparse
 from ._rows import group_rows
 from ._threads import TASK_ELEMENTS, n_threads, run_tasks, working_memory_rows
 
@@ -232,6 +233,21 @@ def _exact_ranked_rows(X, codes64, candidates, magnitude):
     )
 
 
+def _ranked(X, codes64, rows, cols, k):
+    """:func:`_exact_ranked` of dense or sparse rows (sparse ones densified a
+    few at a time)."""
+    if _sparse.is_sparse(X):
+        return _sparse.exact_ranked(X, codes64, rows, cols, k, _exact_ranked)
+    return _exact_ranked(X, codes64, rows, cols, k)
+
+
+def _nearest_of_rows(X, codes64):
+    """:func:`_exact_nearest` of dense or sparse rows."""
+    if _sparse.is_sparse(X):
+        return _sparse.map_dense_rows(X, lambda rows: _exact_nearest(rows, codes64))
+    return _exact_nearest(X, codes64)
+
+
 _SCRATCH = threading.local()
 
 
@@ -360,12 +376,16 @@ class _BrutePrep:
         """Per row: a bound on the rounding error of a difference of two scores,
         and ``||x - center||^2`` (both rescaled)."""
         x_sq = np.einsum("ij,ij->i", centred, centred)
+        return self.margin_of(x_sq), x_sq
+
+    def margin_of(self, x_sq):
+        """:meth:`margin` from the rows' ``||x - center||^2`` (rescaled)."""
         margin = np.sqrt(x_sq)
         margin += self.e_max
         margin *= margin
         margin *= 2.0 * self.kappa
         margin += self.absolute
-        return margin, x_sq
+        return margin
 
     def far_rows(self, x_sq):
         """Rows whose shifted squared norm exceeds ``limit`` or overflowed: their
@@ -419,7 +439,8 @@ class CodebookIndex:
     def __getstate__(self):
         # The k-d tree and the preparations are rebuilt where the index lands.
         state = self.__dict__.copy()
-        state.pop("tree", None)
+        for cached in ("tree", "_sparse_prep", "codebook64", "_line"):
+            state.pop(cached, None)
         state["_preps"] = {}
         return state
 
@@ -497,7 +518,16 @@ class CodebookIndex:
         second = np.zeros(n_rows) if return_second else None
         threads = n_threads(n_jobs)
         codes = self._codes_for(X.dtype)
-        if self._uses_line():
+        if _sparse.is_sparse(X):
+            # Products with the stored entries only; never a tree.
+            prep = self._sparse_prep
+            block = min(n_rows, max(16, _BLOCK_ELEMENTS // n_distinct))
+
+            def search(rows):
+                return self._brute_block(rows, prep)
+
+            tasks = dict(n_threads=threads, min_task_rows=TASK_ELEMENTS // n_distinct)
+        elif self._uses_line():
             block = working_memory_rows(_LINE_ROW_BYTES, n_rows, threads)
             search = self._line_block
             tasks = dict(n_threads=threads, min_task_rows=TASK_ELEMENTS // 8)
@@ -530,9 +560,7 @@ class CodebookIndex:
                 else:  # duplicate codes tie with the winner: no bound
                     labels[lo:hi] = self.ids[found]
                 if sq_dist is not None:
-                    sq_dist[lo:hi] = _sq_dist_to(
-                        X[lo:hi], codes, labels[lo:hi], self.scale
-                    )
+                    sq_dist[lo:hi] = self._sq_dist_block(X[lo:hi], codes, labels[lo:hi])
 
         run_tasks(work, n_rows, block, **tasks)
         if return_second:
@@ -541,7 +569,30 @@ class CodebookIndex:
 
     def sq_dist(self, X, labels, *, n_jobs=None):
         """Squared distance of each row of ``X`` to the code ``labels`` names."""
+        if _sparse.is_sparse(X):
+            return self._sq_dist_block(X, None, labels)
         return sq_dist_to_codes(X, self._codes_for(X.dtype), labels, n_jobs, self.scale)
+
+    def _sq_dist_block(self, X, codes, labels):
+        """Squared distances of a block of rows to their codes: dense rows
+        against ``codes`` (:meth:`_codes_for`), sparse rows from their stored
+        entries (:func:`skvq._sparse.sq_dist_to`)."""
+        if _sparse.is_sparse(X):
+            return _sparse.sq_dist_to(X, self.codebook64, labels, self.scale)
+        return _sq_dist_to(X, codes, labels, self.scale)
+
+    @cached_property
+    def codebook64(self):
+        """The code book in float64 (every code, duplicates included)."""
+        return self.codebook.astype(np.float64)
+
+    @cached_property
+    def _sparse_prep(self):
+        """The product layout for sparse rows: float64, codes not centred
+        (centring would fill the rows)."""
+        return _BrutePrep(
+            self.codes64, np.float64, self.scale, np.zeros(self.codes64.shape[1])
+        )
 
     def _codes_for(self, dtype):
         """The code book (times ``scale``) for squared distances of rows of
@@ -554,7 +605,12 @@ class CodebookIndex:
     def _brute_block(self, X, prep):
         """Nearest codes of a block, and lower bounds on the second distances."""
         with np.errstate(over="ignore", invalid="ignore", under="ignore"):
-            scores, centred = prep.scores(X)
+            if _sparse.is_sparse(X):  # codes not centred (prep's center is 0)
+                scores, x_sq = _sparse.scores(X, prep.product, prep.scale)
+                margin = prep.margin_of(x_sq)
+            else:
+                scores, centred = prep.scores(X)
+                margin, x_sq = prep.margin(centred)
             labels = scores.argmin(axis=1)
             n_rows, n_codes = scores.shape
             if n_codes == 1:
@@ -566,7 +622,6 @@ class CodebookIndex:
             best = flat.take(labels + offsets)
             flat.put(labels + offsets, np.inf)
             second = flat.take(scores.argmin(axis=1) + offsets)
-            margin, x_sq = prep.margin(centred)
             far = prep.far_rows(x_sq)
             # ||x - e||^2 = score + ||x - center||^2, each within margin / 2.
             lower = second.astype(np.float64)
@@ -582,11 +637,11 @@ class CodebookIndex:
             near = scores[unsure] <= (best[unsure] + margin[unsure])[:, None]
             near[np.arange(unsure.size), labels[unsure]] = True
             cand_rows, cand_cols = np.nonzero(near)
-            found, _ = _exact_ranked(X[unsure], self.codes64, cand_rows, cand_cols, 1)
+            found, _ = _ranked(X[unsure], self.codes64, cand_rows, cand_cols, 1)
             labels[unsure] = found[:, 0]
             lower[unsure] = 0.0
         if far is not None:
-            labels[far] = _exact_nearest(X[far], self.codes64)
+            labels[far] = _nearest_of_rows(X[far], self.codes64)
             lower[far] = 0.0
         np.maximum(lower, 0.0, out=lower)
         return labels, unscaled_sq(lower, prep.scale)
@@ -782,8 +837,9 @@ class CodebookIndex:
         """
         n_rows, n_codes = X.shape[0], self.codebook.shape[0]
         out = np.empty((n_rows, n_codes), dtype=X.dtype)
-        codes64 = self.codebook.astype(np.float64)
-        prep = _BrutePrep(codes64, np.float64, self.tree_scale, codes64.mean(axis=0))
+        codes64 = self.codebook64
+        center = np.zeros(X.shape[1]) if _sparse.is_sparse(X) else codes64.mean(axis=0)
+        prep = _BrutePrep(codes64, np.float64, self.tree_scale, center)
         threads = n_threads(n_jobs)
         block = working_memory_rows(24 * n_codes, n_rows, threads)
         block = min(block, max(16, _BLOCK_ELEMENTS // n_codes))
@@ -792,8 +848,12 @@ class CodebookIndex:
             for lo in range(start, stop, block):
                 hi = min(lo + block, stop)
                 with np.errstate(over="ignore", invalid="ignore"):
-                    sq, centred = prep.scores(X[lo:hi], reuse=False)
-                    sq += np.einsum("ij,ij->i", centred, centred)[:, None]
+                    if _sparse.is_sparse(X):
+                        sq, x_sq = _sparse.scores(X[lo:hi], prep.product, prep.scale)
+                    else:
+                        sq, centred = prep.scores(X[lo:hi], reuse=False)
+                        x_sq = np.einsum("ij,ij->i", centred, centred)
+                    sq += x_sq[:, None]
                     np.maximum(sq, 0.0, out=sq)
                     np.sqrt(sq, out=sq)
                     if prep.scale != 1.0:

@@ -34,6 +34,7 @@ import numpy as np
 from ._kernels import BatchStatistics, LloydBounds, Moments, batch_statistics
 from ._relocation import MIN_SPLIT_ROWS, cell_members, merge_members
 from ._rows import canonical_sample, merge_samples, stage_priority
+from ._sparse import head, is_sparse, scaled
 from ._state import unit_for
 
 # fit keeps distance bounds on stages of at least this many row-code pairs:
@@ -153,6 +154,11 @@ class RowBlock:
         found = self._views[key] = np.ascontiguousarray(self.X[:, start:stop])
         return found
 
+    def rows_of(self, key, rows):
+        """The first ``rows`` rows of :meth:`view` (a view of the arrays,
+        also for sparse rows)."""
+        return head(self.view(key), rows)
+
     def set_view(self, key, values):
         """Make ``key`` train on ``values`` (one row per row of the block)."""
         self._views[key] = values
@@ -171,7 +177,7 @@ class RowBlock:
         under code book ``version``: remembered, or searched now."""
         memory = self.memory(key, rows)
         if memory.version != version or memory.sq_dist is None:
-            X = self.view(key)[:rows]
+            X = self.rows_of(key, rows)
             labels, sq_dist = index.nearest(X, n_jobs=n_jobs, return_sq_dist=True)
             memory.version, memory.labels, memory.sq_dist = version, labels, sq_dist
         return memory.labels, memory.sq_dist
@@ -277,7 +283,7 @@ class Statistics(_StateRequest):
         )
 
     def on_block(self, block, rows, indexes, n_jobs):
-        X, weights = block.view(self.key)[:rows], block.weights[:rows]
+        X, weights = block.rows_of(self.key, rows), block.weights[:rows]
         memory = block.memory(self.key, rows)
         bounds = None
         if self.bounds:
@@ -315,7 +321,7 @@ class CellRows(_StateRequest):
         labels, _ = block.assignment(
             self.key, rows, indexes[self.version], self.version, n_jobs
         )
-        X, weights = block.view(self.key)[:rows], block.weights[:rows]
+        X, weights = block.rows_of(self.key, rows), block.weights[:rows]
         return cell_members(X, weights, labels, self.cells)
 
     def merge(self, parts):
@@ -338,7 +344,7 @@ class ReseedPool(_StateRequest):
         _, sq_dist = block.assignment(
             self.key, rows, indexes[self.version], self.version, n_jobs
         )
-        X, weights = block.view(self.key)[:rows], block.weights[:rows]
+        X, weights = block.rows_of(self.key, rows), block.weights[:rows]
         return canonical_sample(X, weights, sq_dist, self.max_rows)
 
     def merge(self, parts):
@@ -352,7 +358,7 @@ class InitSample(Request):
     max_rows: int | None = None
 
     def on_block(self, block, rows, indexes, n_jobs):
-        X, weights = block.view(self.key)[:rows], block.weights[:rows]
+        X, weights = block.rows_of(self.key, rows), block.weights[:rows]
         return canonical_sample(X, weights, max_rows=self.max_rows)
 
     def merge(self, parts):
@@ -364,7 +370,7 @@ class Variance(Request):
     """The weighted feature moments of the rows (for ``tol``)."""
 
     def on_block(self, block, rows, indexes, n_jobs):
-        return Moments.of(block.view(self.key)[:rows], block.weights[:rows])
+        return Moments.of(block.rows_of(self.key, rows), block.weights[:rows])
 
     def merge(self, parts):
         return sum_parts(parts)
@@ -397,6 +403,8 @@ class InMemorySource:
 
 def max_abs(X):
     """The largest magnitude in ``X`` (without a temporary copy)."""
+    if is_sparse(X):
+        X = X.data
     if X.size == 0:
         return 0.0
     return float(max(X.max(), -X.min()))
@@ -447,16 +455,22 @@ def to_internal(X, unit):
     """
     if unit == 1.0:
         return X
-    with np.errstate(over="ignore", under="ignore"):
-        factor = X.dtype.type(1.0 / unit)
-        if np.isfinite(factor) and factor > 0:
-            scaled = X * factor
-        else:  # the factor itself leaves float32's range: go through float64
-            scaled = (X.astype(np.float64) * (1.0 / unit)).astype(X.dtype)
-    if not np.isfinite(scaled).all():
+    if is_sparse(X):
+        with np.errstate(over="ignore", under="ignore"):
+            internal = scaled(X, 1.0 / unit)
+        values = internal.data
+    else:
+        with np.errstate(over="ignore", under="ignore"):
+            factor = X.dtype.type(1.0 / unit)
+            if np.isfinite(factor) and factor > 0:
+                internal = X * factor
+            else:  # the factor itself leaves float32's range: through float64
+                internal = (X.astype(np.float64) * (1.0 / unit)).astype(X.dtype)
+        values = internal
+    if not np.isfinite(values).all():
         raise ValueError(
             f"X holds values (largest magnitude {max_abs(X):.3g}) beyond what this "
             f"model's internal unit ({unit:.3g}, chosen from the first data) can "
             "represent; fit the model again on data of this magnitude."
         )
-    return scaled
+    return internal

@@ -1,0 +1,277 @@
+"""Sparse rows: the CSR counterparts of the kernels that read rows.
+
+:class:`~skvq.VQCodebookTransformer` accepts SciPy sparse matrices and
+arrays.  They are converted once to CSR in canonical form (sorted column
+indices, no duplicates, no stored zeros: :func:`canonical_csr`) and never
+densified whole.  The kernels that read rows call the functions here when
+their rows are sparse; each says below how it differs from its dense
+counterpart:
+
+- Search: scores ``||e||^2 - 2 x.e`` are a sparse-times-dense product in
+  float64, without centring (which would fill the rows), with the same
+  rigorous error margin as the dense search (a sum of at most
+  ``n_features`` products).  Rows whose best and second-best scores fall
+  within the margin are densified, a few at a time, for the same exact
+  float64 check: the codes are those of the dense search.
+- Squared distances to given codes: ``||e||^2 - sum over the stored
+  columns of e_j^2 + sum over them of (x_j - e_j)^2``, an O(nnz) sum whose
+  absolute error is a few units of roundoff of ``||e||^2`` (the dense one
+  is a direct sum of squared differences).
+- Statistics: per-code sums as one sparse product with the assignment;
+  feature moments from the stored values and the zeros' share.
+- Row hashes and priorities (:mod:`skvq._rows`): the same numbers as for the
+  dense rows (zeros add nothing to the stage hash, nor to a running sum in
+  column order); the equality hash of :func:`equal_row_groups` is a hash of
+  the stored (column, value) pairs.
+- Seeding and splits: distances by products (``||x||^2 + ||c||^2 - 2 x.c``)
+  rather than differences of centred rows.
+
+All inputs are assumed validated: CSR in canonical form, finite values.
+"""
+
+import numpy as np
+from scipy import sparse
+
+# Dense float64 values that an exact check densifies at once, at most.
+_DENSE_ELEMENTS = 2**22
+
+
+def is_sparse(X):
+    """Whether ``X`` is a SciPy sparse matrix or array."""
+    return sparse.issparse(X)
+
+
+def canonical_csr(X):
+    """``X`` as CSR with sorted indices, no duplicate entries and no stored
+    zeros (equal rows then store equal entries); a copy only when ``X`` is
+    not such a matrix already."""
+    if X.format != "csr":
+        X = X.tocsr()
+    elif not X.has_canonical_format or np.any(X.data == 0):
+        X = X.copy()
+    X.sum_duplicates()
+    X.eliminate_zeros()
+    return X
+
+
+def head(X, rows):
+    """The first ``rows`` rows of ``X``: a view of its arrays for CSR."""
+    if rows == X.shape[0]:
+        return X
+    if not is_sparse(X):
+        return X[:rows]
+    end = X.indptr[rows]
+    return type(X)(
+        (X.data[:end], X.indices[:end], X.indptr[: rows + 1]),
+        shape=(rows, X.shape[1]),
+        copy=False,
+    )
+
+
+def scaled(X, factor):
+    """``X * factor`` (a new CSR sharing the index arrays)."""
+    if factor == 1.0:
+        return X
+    with np.errstate(over="ignore", under="ignore"):
+        cast = X.dtype.type(factor)
+        if cast == factor:
+            data = X.data * cast
+        else:  # the factor leaves float32's range: through float64
+            data = (X.data.astype(np.float64) * factor).astype(X.dtype)
+    return type(X)((data, X.indices, X.indptr), shape=X.shape, copy=False)
+
+
+def row_ids(X):
+    """The row of each stored value."""
+    return np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))
+
+
+def row_sums(X, values):
+    """Per-row sums of ``values`` (one per stored entry), in column order."""
+    return np.bincount(row_ids(X), weights=values, minlength=X.shape[0])
+
+
+def row_sq_norms(X):
+    """``||x||^2`` of every row, in float64."""
+    data = X.data.astype(np.float64)
+    return row_sums(X, data * data)
+
+
+def row_abs_max(X):
+    """The largest magnitude of every row (0 for empty rows)."""
+    out = np.zeros(X.shape[0])
+    filled = np.flatnonzero(np.diff(X.indptr))
+    if filled.size:
+        out[filled] = np.maximum.reduceat(np.abs(X.data), X.indptr[filled])
+    return out
+
+
+def row_wrapping_sums(X, values):
+    """Per-row sums of unsigned-integer ``values`` (one per stored entry),
+    wrapping around as integer arithmetic does: exact in any order."""
+    out = np.zeros(X.shape[0], dtype=values.dtype)
+    filled = np.flatnonzero(np.diff(X.indptr))
+    if filled.size:
+        out[filled] = np.add.reduceat(values, X.indptr[filled], dtype=values.dtype)
+    return out
+
+
+def running_row_sums(X, terms):
+    """Per row, the sum of its ``terms`` (one per stored entry) added one at
+    a time in column order: the same roundings as adding a dense row's
+    terms in column order (a zero term leaves a running sum unchanged)."""
+    n_rows = X.shape[0]
+    counts = np.diff(X.indptr)
+    order = np.argsort(-counts, kind="stable")  # rows by decreasing length
+    starts = X.indptr[:-1][order]
+    lengths = counts[order]
+    total = np.zeros(n_rows)
+    for k in range(int(lengths.max(initial=0))):
+        active = np.searchsorted(-lengths, -k, side="left")  # rows longer than k
+        total[:active] += terms[starts[:active] + k]
+    out = np.empty(n_rows)
+    out[order] = total
+    return out
+
+
+# ----------------------------------------------------------------- search
+def scores(X, product, scale):
+    """``||e||^2 - 2 x.e`` of every row and code (``product`` as laid out by
+    the dense search, codes not centred) and ``||x||^2``, for the rows
+    times ``scale``; float64."""
+    X = scaled(X.astype(np.float64, copy=False), scale)
+    n_features = X.shape[1]
+    out = np.asarray(X @ product[:n_features])
+    out += product[n_features]
+    return out, row_sq_norms(X)
+
+
+def exact_ranked(X, codes64, rows, cols, k, ranker):
+    """``ranker`` (the dense exact ranking of candidate ``(row, code)``
+    pairs) on sparse ``X``, densifying a few rows at a time.
+
+    Returns the ``k`` best codes of every row of ``X`` that has candidates,
+    rows in ascending order, and their squared distances.
+    """
+    order = np.argsort(rows, kind="stable")
+    rows, cols = rows[order], cols[order]
+    present = np.unique(rows)
+    per_block = max(1, _DENSE_ELEMENTS // max(1, X.shape[1]))
+    labels, sq = [], []
+    for start in range(0, present.shape[0], per_block):
+        chosen = present[start : start + per_block]
+        dense = X[chosen].toarray()
+        lo, hi = np.searchsorted(rows, [chosen[0], chosen[-1] + 1])
+        local = np.searchsorted(chosen, rows[lo:hi])
+        found, dist = ranker(dense, codes64, local, cols[lo:hi], k)
+        labels.append(found)
+        sq.append(dist)
+    return np.concatenate(labels), np.concatenate(sq)
+
+
+def map_dense_rows(X, func):
+    """``func`` (an array per row) on the rows of sparse ``X``, densified a
+    few at a time, concatenated."""
+    per_block = max(1, _DENSE_ELEMENTS // max(1, X.shape[1]))
+    parts = [
+        func(X[start : start + per_block].toarray())
+        for start in range(0, X.shape[0], per_block)
+    ]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.intp)
+
+
+def sq_dist_to(X, codes64, labels, scale=1.0):
+    """``||x - e||^2`` of every row and its code ``labels`` (float64, in the
+    units of ``X``), from the stored entries (module docstring)."""
+    data = X.data.astype(np.float64)
+    codes = codes64
+    if scale != 1.0:
+        data *= scale
+        codes = codes64 * scale
+    ids = row_ids(X)
+    chosen = codes[labels[ids], X.indices]
+    code_sq = np.einsum("ij,ij->i", codes, codes)[labels]
+    with np.errstate(over="ignore", invalid="ignore"):
+        diff = data - chosen
+        sq = code_sq - row_sums(X, chosen * chosen)
+        np.maximum(sq, 0.0, out=sq)
+        sq += row_sums(X, diff * diff)
+    if scale != 1.0:
+        with np.errstate(over="ignore", under="ignore"):
+            sq /= scale
+            sq /= scale
+    return sq
+
+
+# ------------------------------------------------------------- statistics
+def code_sums(X, labels, sample_weight, n_codes):
+    """``sum of w_i x_i`` over the rows of each code (float64, dense)."""
+    assign = sparse.csr_matrix(
+        (sample_weight, (labels, np.arange(X.shape[0]))), shape=(n_codes, X.shape[0])
+    )
+    return (assign @ X.astype(np.float64, copy=False)).toarray()
+
+
+def moments(X, sample_weight):
+    """Weighted mean and sum of squared deviations per feature (no
+    cancellation: the zeros contribute ``mean^2`` times their weight)."""
+    total = float(sample_weight.sum())
+    cols = X.indices
+    weights = sample_weight[row_ids(X)]
+    n_features = X.shape[1]
+    mean = np.bincount(cols, weights=weights * X.data, minlength=n_features) / total
+    deviation = X.data - mean[cols]
+    stored = np.bincount(cols, weights=weights, minlength=n_features)
+    m2 = np.bincount(cols, weights=weights * deviation * deviation, minlength=n_features)
+    m2 += np.maximum(total - stored, 0.0) * mean * mean
+    return total, mean, m2
+
+
+def sq_dist_to_vectors(points, vectors):
+    """``||p - v||^2`` of every row of ``points`` (sparse) and every row of
+    ``vectors`` (dense), shape ``(n_points, n_vectors)``, by products."""
+    products = np.asarray(points @ vectors.T)
+    d = -2.0 * products
+    d += row_sq_norms(points)[:, None]
+    d += np.einsum("ij,ij->i", vectors, vectors)
+    np.maximum(d, 0.0, out=d)
+    return d
+
+
+# ------------------------------------------------------- rows as a set
+def row_bytes(rows, i):
+    """The stored columns and values of row ``i``, as bytes (equal rows,
+    in canonical form, give equal bytes)."""
+    lo, hi = rows.indptr[i], rows.indptr[i + 1]
+    return rows.indices[lo:hi].tobytes() + rows.data[lo:hi].tobytes()
+
+
+def groups_by_bytes(rows):
+    """First index of each group of equal rows, and each row's group, by
+    exact comparison (first rows in ascending order)."""
+    seen, first = {}, []
+    inverse = np.empty(rows.shape[0], dtype=np.intp)
+    for i in range(rows.shape[0]):
+        group = seen.setdefault(row_bytes(rows, i), len(first))
+        if group == len(first):
+            first.append(i)
+        inverse[i] = group
+    return np.asarray(first, dtype=np.intp), inverse
+
+
+def tie_ranks(rows, key):
+    """Ranks that order the rows of equal ``key`` lexicographically (0 for
+    the others), densifying those rows alone."""
+    rank = np.zeros(rows.shape[0])
+    order = np.argsort(key, kind="stable")
+    equal = key[order[1:]] == key[order[:-1]]
+    tied = np.unique(np.concatenate([order[1:][equal], order[:-1][equal]]))
+    dense = rows[tied].toarray()
+    columns = tuple(dense[:, j] for j in reversed(range(dense.shape[1])))
+    rank[tied[np.lexsort(columns)]] = np.arange(tied.shape[0])
+    return rank
+
+
+def vstack(parts):
+    """Rows of sparse ``parts`` one after the other (CSR)."""
+    return sparse.vstack(parts, format="csr")
