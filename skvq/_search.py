@@ -417,7 +417,9 @@ class CodebookIndex:
         self.algorithm = algorithm
         self.ids = _distinct_code_ids(codebook)
         distinct = codebook if self.ids is None else codebook[self.ids]
-        self.codes64 = distinct.astype(np.float64)
+        # Shared with the code book when it is float64 without duplicates
+        # (nothing here writes to it).
+        self.codes64 = distinct.astype(np.float64, copy=False)
         n_distinct = max(1, self.codes64.shape[0])
         self._center = center = np.einsum("ij->j", self.codes64) / n_distinct
         self._codes_max = float(np.abs(self.codes64).max(initial=0.0))
@@ -584,7 +586,9 @@ class CodebookIndex:
     @cached_property
     def codebook64(self):
         """The code book in float64 (every code, duplicates included)."""
-        return self.codebook.astype(np.float64)
+        if self.ids is None:
+            return self.codes64
+        return self.codebook.astype(np.float64, copy=False)
 
     @cached_property
     def _sparse_prep(self):

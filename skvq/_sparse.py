@@ -222,7 +222,8 @@ def moments(X, sample_weight):
     mean = np.bincount(cols, weights=weights * X.data, minlength=n_features) / total
     deviation = X.data - mean[cols]
     stored = np.bincount(cols, weights=weights, minlength=n_features)
-    m2 = np.bincount(cols, weights=weights * deviation * deviation, minlength=n_features)
+    deviation *= deviation
+    m2 = np.bincount(cols, weights=weights * deviation, minlength=n_features)
     m2 += np.maximum(total - stored, 0.0) * mean * mean
     return total, mean, m2
 

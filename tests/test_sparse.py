@@ -1,0 +1,171 @@
+"""Sparse input: VQCodebookTransformer on SciPy sparse rows, never densified."""
+
+import tracemalloc
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+from scipy import sparse
+
+from skvq import ProductVQTransformer, ResidualVQTransformer, VQCodebookTransformer
+
+FORMATS = ["csr_matrix", "csc_matrix", "coo_matrix", "csr_array", "lil_array"]
+
+
+def documents(n=600, n_features=80, density=0.08, seed=0, dtype=np.float64):
+    """Sparse non-negative rows in three groups, L2-normalised."""
+    rng = np.random.RandomState(seed)
+    X = sparse.random(
+        n, n_features, density=density, format="csr", random_state=rng, dtype=dtype
+    )
+    group = rng.randint(3, size=n)
+    boost = sparse.csr_matrix(
+        (np.full(n, 2.0, dtype=dtype), (np.arange(n), group)), shape=X.shape
+    )
+    X = (X + boost).tocsr()
+    norms = np.sqrt(np.asarray(X.multiply(X).sum(axis=1)).ravel())
+    return sparse.diags(1.0 / norms).dot(X).astype(dtype).tocsr()
+
+
+def as_format(X, name):
+    return getattr(sparse, name)(X)
+
+
+def brute_nearest(X, codebook):
+    d2 = ((X[:, None, :] - codebook[None]) ** 2).sum(axis=2)
+    return d2.argmin(axis=1), d2.min(axis=1)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_predict_of_every_sparse_format_equals_a_float64_search(name):
+    X = documents()
+    vq = VQCodebookTransformer(n_codes=8, random_state=0).fit(X.toarray())
+    labels, _ = brute_nearest(X.toarray(), vq.codebook_.astype(np.float64))
+    assert_array_equal(vq.predict(as_format(X, name)), labels)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_score_and_distances_of_sparse_rows_match_the_dense_rows(dtype):
+    X = documents(dtype=dtype)
+    vq = VQCodebookTransformer(n_codes=8, encode="distance", random_state=0)
+    vq.fit(X.toarray())
+    dense = X.toarray().astype(np.float64)
+    _, sq = brute_nearest(dense, vq.codebook_.astype(np.float64))
+    assert vq.score(X) == pytest.approx(-sq.mean(), rel=1e-6)
+    assert_allclose(vq.transform(X), vq.transform(X.toarray()), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("encode", ["index", "onehot", "onehot-dense"])
+def test_transform_of_sparse_rows_equals_that_of_the_dense_rows(encode):
+    X = documents()
+    vq = VQCodebookTransformer(n_codes=8, encode=encode, random_state=0).fit(X)
+    sparse_out, dense_out = vq.transform(X), vq.transform(X.toarray())
+    if sparse.issparse(sparse_out):
+        sparse_out, dense_out = sparse_out.toarray(), dense_out.toarray()
+    assert_array_equal(sparse_out, dense_out)
+
+
+def test_inverse_transform_of_sparse_codes_gives_dense_code_vectors():
+    X = documents()
+    vq = VQCodebookTransformer(n_codes=8, encode="onehot", random_state=0).fit(X)
+    decoded = vq.inverse_transform(vq.transform(X))
+    assert isinstance(decoded, np.ndarray)
+    assert_array_equal(decoded, vq.codebook_[vq.predict(X)])
+
+
+def test_fit_on_sparse_rows_matches_the_fit_on_the_dense_rows():
+    # The same stages, samples and seeds (row hashes and priorities are those
+    # of the dense rows); the sums differ by rounding only.
+    X = documents(n=3000)
+    on_sparse = VQCodebookTransformer(n_codes=12, batch_size=64, random_state=0).fit(X)
+    on_dense = VQCodebookTransformer(n_codes=12, batch_size=64, random_state=0)
+    on_dense.fit(X.toarray())
+    assert_allclose(on_sparse.codebook_, on_dense.codebook_, atol=1e-10)
+    assert on_sparse.n_iter_ == on_dense.n_iter_
+
+
+def test_fit_on_sparse_rows_reaches_the_quality_of_kmeans():
+    from sklearn.cluster import KMeans
+
+    X = documents(n=2000, seed=3)
+    vq = VQCodebookTransformer(n_codes=12, random_state=0).fit(X)
+    km = KMeans(n_clusters=12, n_init=1, random_state=0).fit(X)
+    assert -vq.score(X) <= km.inertia_ / X.shape[0] * 1.001
+
+
+def test_a_stream_of_sparse_batches_matches_the_stream_of_dense_batches():
+    X = documents(n=1200)
+    on_sparse = VQCodebookTransformer(n_codes=6, random_state=0)
+    on_dense = VQCodebookTransformer(n_codes=6, random_state=0)
+    for start in range(0, 1200, 200):
+        on_sparse.partial_fit(X[start : start + 200])
+        on_dense.partial_fit(X[start : start + 200].toarray())
+    assert_allclose(on_sparse.codebook_, on_dense.codebook_, atol=1e-10)
+    assert_allclose(on_sparse.ema_counts_, on_dense.ema_counts_)
+
+
+def test_sparse_fit_does_not_depend_on_the_threads():
+    X = documents(n=3000)
+    one = VQCodebookTransformer(n_codes=12, n_jobs=1, random_state=0).fit(X)
+    two = VQCodebookTransformer(n_codes=12, n_jobs=2, random_state=0).fit(X)
+    assert_array_equal(one.codebook_, two.codebook_)
+
+
+def test_wide_sparse_rows_are_never_densified():
+    # Dense, these rows would take 1.6 GB; fit and predict stay far below.
+    rng = np.random.default_rng(0)
+    rows = np.repeat(np.arange(2000), 20)
+    cols = rng.integers(100_000, size=rows.shape[0])
+    X = sparse.csr_matrix((rng.random(rows.shape[0]), (rows, cols)), (2000, 100_000))
+    tracemalloc.start()
+    try:
+        vq = VQCodebookTransformer(n_codes=4, random_state=0).fit(X)
+        vq.partial_fit(X[:500])
+        vq.predict(X)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 150 * 2**20
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_stored_values_are_refused_like_dense_ones(bad):
+    X = documents().tolil()
+    X[3, 5] = bad
+    vq = VQCodebookTransformer(n_codes=4, random_state=0)
+    with pytest.raises(ValueError, match="NaN|infinity"):
+        vq.fit(X)
+
+
+def test_a_failed_sparse_call_leaves_the_fitted_estimator_unchanged():
+    X = documents()
+    vq = VQCodebookTransformer(n_codes=4, random_state=0).fit(X)
+    before = vq.codebook_.copy()
+    bad = X.tolil()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError):
+        vq.partial_fit(bad)
+    assert_array_equal(vq.codebook_, before)
+
+
+@pytest.mark.parametrize("Estimator", [ProductVQTransformer, ResidualVQTransformer])
+def test_multi_codebook_quantisers_refuse_sparse_input_and_say_what_to_do(Estimator):
+    X = documents()
+    expected = "does not accept sparse.*VQCodebookTransformer"
+    with pytest.raises(TypeError, match=expected):
+        Estimator(4, 2).fit(X)
+
+
+@pytest.mark.parametrize("Estimator", [ProductVQTransformer, ResidualVQTransformer])
+def test_multi_codebook_queries_refuse_sparse_input(Estimator):
+    X = documents()
+    fitted = Estimator(4, 2, random_state=0).fit(X.toarray())
+    with pytest.raises(TypeError, match="does not accept sparse"):
+        fitted.transform(X)
+
+
+def test_dask_arrays_of_sparse_chunks_are_refused_with_a_way_out():
+    da = pytest.importorskip("dask.array")
+    X = da.from_array(documents(), chunks=(200, -1), asarray=False)
+    with pytest.raises(TypeError, match="sparse chunks.*SciPy sparse matrix"):
+        VQCodebookTransformer(n_codes=4).fit(X)
