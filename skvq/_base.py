@@ -247,8 +247,9 @@ class QuantizerBase(TransformerMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_features)
-            Data to score.
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+            Data to score (sparse input: :class:`~skvq.VQCodebookTransformer`
+            only).
 
         y : Ignored
             Not used, present here for API consistency by convention.

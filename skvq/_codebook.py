@@ -372,9 +372,11 @@ class VQCodebookTransformer(QuantizerBase):
 
         Parameters
         ----------
-        X : array-like or Dask array of shape (n_samples, n_features)
-            Training data.  A Dask array is processed chunk by chunk where it
-            lives, on the same stages of rows: each step is a reduction of
+        X : {array-like, sparse matrix} or Dask array of shape \
+                (n_samples, n_features)
+            Training data.  A SciPy sparse matrix or array is converted once
+            to CSR and never densified.  A Dask array is processed chunk by
+            chunk where it lives, on the same stages of rows: each step is a reduction of
             per-chunk statistics, and the fit equals the NumPy fit to the
             rounding of the sums.
 
@@ -407,8 +409,9 @@ class VQCodebookTransformer(QuantizerBase):
 
         Parameters
         ----------
-        X : array-like or Dask array of shape (n_samples, n_features)
-            The batch.  A Dask array is one batch, summed chunk by chunk on
+        X : {array-like, sparse matrix} or Dask array of shape \
+                (n_samples, n_features)
+            The batch (sparse: converted to CSR, never densified).  A Dask array is one batch, summed chunk by chunk on
             its workers.
 
         y : Ignored
@@ -522,8 +525,8 @@ class VQCodebookTransformer(QuantizerBase):
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_features)
-            Data to encode.
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+            Data to encode (sparse: converted to CSR, never densified).
 
         Returns
         -------
@@ -546,8 +549,8 @@ class VQCodebookTransformer(QuantizerBase):
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_features)
-            Data to encode.
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+            Data to encode (sparse: converted to CSR, never densified).
 
         Returns
         -------
