@@ -376,9 +376,9 @@ class VQCodebookTransformer(QuantizerBase):
                 (n_samples, n_features)
             Training data.  A SciPy sparse matrix or array is converted once
             to CSR and never densified.  A Dask array is processed chunk by
-            chunk where it lives, on the same stages of rows: each step is a reduction of
-            per-chunk statistics, and the fit equals the NumPy fit to the
-            rounding of the sums.
+            chunk where it lives, on the same stages of rows: each step is a
+            reduction of per-chunk statistics, and the fit equals the NumPy
+            fit to the rounding of the sums.
 
         y : Ignored
             Not used, present here for API consistency by convention.
@@ -411,8 +411,8 @@ class VQCodebookTransformer(QuantizerBase):
         ----------
         X : {array-like, sparse matrix} or Dask array of shape \
                 (n_samples, n_features)
-            The batch (sparse: converted to CSR, never densified).  A Dask array is one batch, summed chunk by chunk on
-            its workers.
+            The batch (sparse: converted to CSR, never densified).  A Dask
+            array is one batch, summed chunk by chunk on its workers.
 
         y : Ignored
             Not used, present here for API consistency by convention.

@@ -406,9 +406,14 @@ def ema_update(counts, sums, codebook, batch_counts, batch_sums, momentum):
     new_counts = ema_average(counts, batch_counts, momentum)
     new_sums = ema_average(sums, batch_sums, momentum)
     won = batch_counts > 0
-    new_codebook = codebook.copy()
-    rows = np.flatnonzero(won)  # gathers: few rows win in a small batch
-    new_codebook[rows] = new_sums[rows] / new_counts[rows, None]
+    if won.all():  # one pass (a large batch reaches every code)
+        new_codebook = (new_sums / new_counts[:, None]).astype(
+            codebook.dtype, copy=False
+        )
+    else:
+        new_codebook = codebook.copy()
+        rows = np.flatnonzero(won)  # gathers: few rows win in a small batch
+        new_codebook[rows] = new_sums[rows] / new_counts[rows, None]
     kept = np.flatnonzero(~won | (new_counts < COUNT_FLOOR))
     np.maximum(new_counts, COUNT_FLOOR, out=new_counts)
     new_sums[kept] = new_codebook[kept] * new_counts[kept, None]
@@ -417,8 +422,17 @@ def ema_update(counts, sums, codebook, batch_counts, batch_sums, momentum):
 
 def ema_average(value, batch_value, momentum):
     """``m * value + (1 - m) * batch_value``, a new array."""
-    new = momentum * value
-    new += (1.0 - momentum) * batch_value
+    if momentum == 0.0:  # the same numbers: 0 * value adds (signed) zeros
+        return np.array(batch_value, dtype=np.result_type(batch_value, 1.0))
+    new = np.multiply(value, momentum)
+    if value.ndim == 2:
+        # Through a reused buffer: a fresh temporary of a large code book
+        # page-faults on every step.
+        share = scratch("ema-share", value.shape, np.result_type(batch_value, 1.0))
+        np.multiply(batch_value, 1.0 - momentum, out=share)
+        new += share
+    else:
+        new += (1.0 - momentum) * batch_value
     return new
 
 
@@ -492,8 +506,14 @@ class Moments:
         if not total > 0:
             zeros = np.zeros(X.shape[1])
             return cls(0.0, zeros, zeros)
-        if _sparse.is_sparse(X):
-            return cls(*_sparse.moments(X, sample_weight))
+        if _sparse.is_sparse(X):  # by chunks of rows: bounded temporaries
+            moments = cls(0.0, np.zeros(X.shape[1]), np.zeros(X.shape[1]))
+            for lo, hi in _sparse.row_chunks(X.shape[0]):
+                weights = sample_weight[lo:hi]
+                if weights.sum() > 0:
+                    part = _sparse.row_range(X, lo, hi)
+                    moments = moments + cls(*_sparse.moments(part, weights))
+            return moments
         mean = (sample_weight @ X) / total
         centred = X - mean
         centred *= centred

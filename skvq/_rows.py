@@ -84,6 +84,12 @@ def row_priority(rows):
     the row is divided by a power of two that brings its largest entry into
     [0.5, 1): the same for a row at any scale, the same for equal rows.
     """
+    if _sparse.is_sparse(rows):
+        return _sparse.by_chunks(_row_priority, rows)
+    return _row_priority(rows)
+
+
+def _row_priority(rows):
     sparse_rows = _sparse.is_sparse(rows)
     if sparse_rows:
         largest = _sparse.row_abs_max(rows)
@@ -121,6 +127,12 @@ def stage_priority(X, exponent):
     integer arithmetic (exact, in any order), so the same row gets the same
     number in any array, chunk or backend.  Equal rows get equal numbers.
     """
+    if _sparse.is_sparse(X):
+        return _sparse.by_chunks(lambda rows: _stage_priority(rows, exponent), X)
+    return _stage_priority(X, exponent)
+
+
+def _stage_priority(X, exponent):
     n_rows, n_features = X.shape
     values = X.data if _sparse.is_sparse(X) else X
     scaled = values * X.dtype.type(np.ldexp(1.0, -int(exponent)))

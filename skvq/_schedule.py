@@ -38,7 +38,7 @@ from ._sources import (
     Statistics,
     Variance,
 )
-from ._state import MAX_INIT_ROWS, CodebookState
+from ._state import MAX_INIT_ROWS, CodebookState, SearchedBy
 
 # Smallest relative decrease of the distortion that counts as improvement.
 IMPROVEMENT_RTOL = 1e-9
@@ -299,12 +299,15 @@ def start_stream(config, source, key, rng):
 # -------------------------------------------------------------------- fit
 @dataclass(frozen=True)
 class Converged:
-    """The last full step of a convergence: its statistics, the state whose
-    index assigned the rows, the distortion before the step, and whether a
-    stopping rule fired (rather than a step limit)."""
+    """The last full step of a convergence: its per-code counts and
+    distortions, what assigned the rows (a state's version and index, not
+    its statistics: a fit keeps several of these, and with many features a
+    state's sums are as large as its code book), the distortion before the
+    step, and whether a stopping rule fired (rather than a step limit)."""
 
-    stats: object
-    assigned_by: CodebookState
+    counts: np.ndarray
+    distortions: np.ndarray
+    assigned_by: SearchedBy
     loss: float
     converged: bool
 
@@ -462,7 +465,9 @@ class FitSchedule:
             )
             if converged and tol is None and config.verbose:
                 print(f"Converged after step {self.n_iter}: {stopper.reason}.")
-            last = Converged(stats, start, loss, converged)
+            last = Converged(
+                stats.counts, stats.distortions, start.searched_by(), loss, converged
+            )
             if converged or n_steps == limit:
                 break
         return state, last
@@ -483,19 +488,20 @@ class FitSchedule:
         """
         config = self.config
         max_moves = max(1, config.n_codes // FIT_MOVES_DIVISOR)
-        stats, assigned_by, best = last.stats, last.assigned_by, last.loss
+        counts, distortions = last.counts, last.distortions
+        assigned_by, best = last.assigned_by, last.loss
         movable = np.ones(config.n_codes, dtype=bool)
         splittable = np.ones(config.n_codes, dtype=bool)
         n_undone = 0
         budget = config.max_iter // 2  # leave steps for the stages that follow
         while self.n_iter < budget and n_undone < MAX_UNDONE:
-            cells = np.argsort(-stats.distortions, kind="stable")
+            cells = np.argsort(-distortions, kind="stable")
             cells = cells[splittable[cells]][: 2 * max_moves]
             members = yield CellRows.of(assigned_by, self.key, stage, cells)
             moves = plan_relocations(
                 state.codes,
-                stats.counts,
-                split_rows(members, stats.counts),
+                counts,
+                split_rows(members, counts),
                 np.flatnonzero(movable),
                 max_moves,
                 0.0,
@@ -517,7 +523,8 @@ class FitSchedule:
                 state = state.counted_relocations(len(moves))
                 if not probe.converged and self.n_iter < budget:
                     state, probe = yield from self.converge(state, stage, "relocated")
-                stats, assigned_by, loss = probe.stats, probe.assigned_by, probe.loss
+                counts, distortions = probe.counts, probe.distortions
+                assigned_by, loss = probe.assigned_by, probe.loss
                 if loss > best * (1.0 - MIN_ROUND_GAIN):
                     break
                 best = loss

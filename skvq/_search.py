@@ -329,9 +329,12 @@ class _BrutePrep:
         self.scale = scale
         n_codes, n_features = codes64.shape
         self.center = center.astype(self.dtype)
-        centred = codes64 - self.center
-        if scale != 1.0:
-            centred *= scale
+        if scale == 1.0 and not self.center.any():
+            centred = codes64  # nothing to shift (sparse rows' layout)
+        else:
+            centred = codes64 - self.center
+            if scale != 1.0:
+                centred *= scale
         e_sq = np.einsum("ij,ij->i", centred, centred)
         # -2 * e is exact in floating point.
         self.product = np.empty((n_features + 1, n_codes), dtype=self.dtype)
@@ -422,8 +425,18 @@ class CodebookIndex:
         self.codes64 = distinct.astype(np.float64, copy=False)
         n_distinct = max(1, self.codes64.shape[0])
         self._center = center = np.einsum("ij->j", self.codes64) / n_distinct
-        self._codes_max = float(np.abs(self.codes64).max(initial=0.0))
-        spread = float(np.abs(self.codes64 - center).max(initial=0.0))
+        # Column extremes: the largest |code| and |code - center| without a
+        # temporary the size of the code book (the same roundings).
+        highest = self.codes64.max(axis=0, initial=-np.inf)
+        lowest = self.codes64.min(axis=0, initial=np.inf)
+        self._codes_max = float(
+            max(np.abs(highest).max(initial=0.0), np.abs(lowest).max(initial=0.0))
+        )
+        spread = (
+            float(np.maximum(highest - center, center - lowest).max(initial=0.0))
+            if self.codes64.shape[0]
+            else 0.0
+        )
         if not spread > 0:
             spread = float(np.abs(center).max(initial=0.0))
         self.tree_scale = power_of_two_scale(
@@ -441,7 +454,12 @@ class CodebookIndex:
     def __getstate__(self):
         # The k-d tree and the preparations are rebuilt where the index lands.
         state = self.__dict__.copy()
-        for cached in ("tree", "_sparse_prep", "codebook64", "_line"):
+        for cached in (
+            "tree",
+            "codebook64",
+            "_line",
+            "_scaled_code_sq",
+        ):
             state.pop(cached, None)
         state["_preps"] = {}
         return state
@@ -522,7 +540,7 @@ class CodebookIndex:
         codes = self._codes_for(X.dtype)
         if _sparse.is_sparse(X):
             # Products with the stored entries only; never a tree.
-            prep = self._sparse_prep
+            prep = self._sparse_layout()
             block = min(n_rows, max(16, _BLOCK_ELEMENTS // n_distinct))
 
             def search(rows):
@@ -572,7 +590,9 @@ class CodebookIndex:
     def sq_dist(self, X, labels, *, n_jobs=None):
         """Squared distance of each row of ``X`` to the code ``labels`` names."""
         if _sparse.is_sparse(X):
-            return self._sq_dist_block(X, None, labels)
+            return _sparse.by_chunks(
+                lambda rows, codes: self._sq_dist_block(rows, None, codes), X, labels
+            )
         return sq_dist_to_codes(X, self._codes_for(X.dtype), labels, n_jobs, self.scale)
 
     def _sq_dist_block(self, X, codes, labels):
@@ -580,8 +600,18 @@ class CodebookIndex:
         against ``codes`` (:meth:`_codes_for`), sparse rows from their stored
         entries (:func:`skvq._sparse.sq_dist_to`)."""
         if _sparse.is_sparse(X):
-            return _sparse.sq_dist_to(X, self.codebook64, labels, self.scale)
+            return _sparse.sq_dist_to(
+                X, self.codebook64, labels, self.scale, self._scaled_code_sq
+            )
         return _sq_dist_to(X, codes, labels, self.scale)
+
+    @cached_property
+    def _scaled_code_sq(self):
+        """``||e * scale||^2`` of every code (float64)."""
+        codes = self.codebook64
+        if self.scale != 1.0:
+            codes = codes * self.scale
+        return np.einsum("ij,ij->i", codes, codes)
 
     @cached_property
     def codebook64(self):
@@ -590,10 +620,11 @@ class CodebookIndex:
             return self.codes64
         return self.codebook.astype(np.float64, copy=False)
 
-    @cached_property
-    def _sparse_prep(self):
+    def _sparse_layout(self):
         """The product layout for sparse rows: float64, codes not centred
-        (centring would fill the rows)."""
+        (centring would fill the rows).  Built for each search and not kept:
+        with many features it is as large as the code book, and every state
+        that a fit keeps would otherwise hold one."""
         return _BrutePrep(
             self.codes64, np.float64, self.scale, np.zeros(self.codes64.shape[1])
         )

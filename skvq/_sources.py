@@ -309,7 +309,8 @@ class Statistics(_StateRequest):
 @dataclass(frozen=True)
 class CellRows(_StateRequest):
     """The distinct rows (at most ``MAX_SPLIT_ROWS`` each) of ``cells``,
-    assigned by ``state``'s index."""
+    assigned by the index of ``state`` (a state, or its
+    :class:`~skvq._state.SearchedBy`)."""
 
     cells: tuple = ()
 

@@ -34,6 +34,9 @@ from scipy import sparse
 
 # Dense float64 values that an exact check densifies at once, at most.
 _DENSE_ELEMENTS = 2**22
+# Rows of a chunk of the passes over stored entries: their temporaries (a
+# few arrays of one number per entry) stay bounded whatever the data.
+CHUNK_ROWS = 2**14
 
 
 def is_sparse(X):
@@ -65,6 +68,35 @@ def head(X, rows):
         (X.data[:end], X.indices[:end], X.indptr[: rows + 1]),
         shape=(rows, X.shape[1]),
         copy=False,
+    )
+
+
+def row_range(X, start, stop):
+    """Rows ``start:stop`` of CSR ``X``, a view of its value arrays."""
+    lo, hi = X.indptr[start], X.indptr[stop]
+    return type(X)(
+        (X.data[lo:hi], X.indices[lo:hi], X.indptr[start : stop + 1] - lo),
+        shape=(stop - start, X.shape[1]),
+        copy=False,
+    )
+
+
+def row_chunks(n_rows):
+    """``(start, stop)`` of consecutive chunks of ``CHUNK_ROWS`` rows."""
+    return [(lo, min(lo + CHUNK_ROWS, n_rows)) for lo in range(0, n_rows, CHUNK_ROWS)]
+
+
+def by_chunks(func, X, *per_row):
+    """``func(rows, *per_row slices)`` on chunks of rows of ``X``, the
+    results (one number per row) concatenated."""
+    n_rows = X.shape[0]
+    if n_rows <= CHUNK_ROWS:
+        return func(X, *per_row)
+    return np.concatenate(
+        [
+            func(row_range(X, lo, hi), *(a[lo:hi] for a in per_row))
+            for lo, hi in row_chunks(n_rows)
+        ]
     )
 
 
@@ -180,17 +212,22 @@ def map_dense_rows(X, func):
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.intp)
 
 
-def sq_dist_to(X, codes64, labels, scale=1.0):
+def sq_dist_to(X, codes64, labels, scale=1.0, code_sq=None):
     """``||x - e||^2`` of every row and its code ``labels`` (float64, in the
-    units of ``X``), from the stored entries (module docstring)."""
+    units of ``X``), from the stored entries (module docstring).
+
+    ``code_sq``: the codes' ``||e||^2`` times ``scale ** 2``, when known.
+    """
     data = X.data.astype(np.float64)
     codes = codes64
     if scale != 1.0:
         data *= scale
         codes = codes64 * scale
+    if code_sq is None:
+        code_sq = np.einsum("ij,ij->i", codes, codes)
     ids = row_ids(X)
     chosen = codes[labels[ids], X.indices]
-    code_sq = np.einsum("ij,ij->i", codes, codes)[labels]
+    code_sq = code_sq[labels]
     with np.errstate(over="ignore", invalid="ignore"):
         diff = data - chosen
         sq = code_sq - row_sums(X, chosen * chosen)
@@ -206,15 +243,22 @@ def sq_dist_to(X, codes64, labels, scale=1.0):
 # ------------------------------------------------------------- statistics
 def code_sums(X, labels, sample_weight, n_codes):
     """``sum of w_i x_i`` over the rows of each code (float64, dense)."""
-    assign = sparse.csr_matrix(
-        (sample_weight, (labels, np.arange(X.shape[0]))), shape=(n_codes, X.shape[0])
-    )
-    return (assign @ X.astype(np.float64, copy=False)).toarray()
+    # The stored values scattered onto (code, column) in row order, chunk by
+    # chunk: the same sums as one pass, with bounded temporaries.
+    n_features = X.shape[1]
+    sums = np.zeros(n_codes * n_features)
+    for lo, hi in row_chunks(X.shape[0]):
+        part = row_range(X, lo, hi)
+        ids = row_ids(part)
+        cells = labels[lo:hi][ids] * n_features + part.indices
+        np.add.at(sums, cells, sample_weight[lo:hi][ids] * part.data)
+    return sums.reshape(n_codes, n_features)
 
 
 def moments(X, sample_weight):
     """Weighted mean and sum of squared deviations per feature (no
-    cancellation: the zeros contribute ``mean^2`` times their weight)."""
+    cancellation: the zeros contribute ``mean^2`` times their weight), of
+    rows of positive total weight."""
     total = float(sample_weight.sum())
     cols = X.indices
     weights = sample_weight[row_ids(X)]

@@ -82,6 +82,15 @@ class TrainingConfig:
 MAX_INIT_ROWS = 2**16
 
 
+@dataclass(frozen=True)
+class SearchedBy:
+    """What assigned some rows: a code book's version and search index,
+    without the rest of its state (requests about those rows need no more)."""
+
+    version: int
+    index: CodebookIndex
+
+
 @dataclass(frozen=True, eq=False)
 class CodebookState:
     """The vectors, EMA statistics and counters of one code book.
@@ -158,6 +167,10 @@ class CodebookState:
     def index(self):
         """The search structure of :attr:`codes` (built on first use)."""
         return CodebookIndex(self.codes, self.algorithm)
+
+    def searched_by(self):
+        """The :class:`SearchedBy` of this state's code book."""
+        return SearchedBy(self.version, self.index)
 
     @cached_property
     def published_index(self):
