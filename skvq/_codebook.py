@@ -125,6 +125,9 @@ class VQCodebookTransformer(QuantizerBase):
           Performance page).  With one feature, a binary search of the
           sorted codes (the nearest code brackets the value).
 
+        Sparse rows are always searched by sparse-times-dense products,
+        whatever ``algorithm`` says.
+
     batch_size : int, default=1024
         The number of rows of a stream's batch: the unit of ``ema_counts_``
         (weight per ``batch_size`` rows, also after :meth:`fit`) and of the

@@ -169,3 +169,16 @@ def test_dask_arrays_of_sparse_chunks_are_refused_with_a_way_out():
     X = da.from_array(documents(), chunks=(200, -1), asarray=False)
     with pytest.raises(TypeError, match="sparse chunks.*SciPy sparse matrix"):
         VQCodebookTransformer(n_codes=4).fit(X)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weighted_fit_on_sparse_rows_matches_the_dense_one(dtype):
+    X = documents(n=1500, dtype=dtype)
+    weights = np.random.RandomState(1).uniform(0, 3, size=X.shape[0])
+    on_sparse = VQCodebookTransformer(n_codes=8, random_state=0)
+    on_sparse.fit(X, sample_weight=weights)
+    on_dense = VQCodebookTransformer(n_codes=8, random_state=0)
+    on_dense.fit(X.toarray(), sample_weight=weights)
+    assert on_sparse.codebook_.dtype == dtype
+    tolerance = 1e-5 if dtype == np.float32 else 1e-10
+    assert_allclose(on_sparse.codebook_, on_dense.codebook_, atol=tolerance)
