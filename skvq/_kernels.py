@@ -420,12 +420,17 @@ def ema_update(counts, sums, codebook, batch_counts, batch_sums, momentum):
     return new_counts, new_sums, new_codebook
 
 
+# Arrays of at least this many values go through reused buffers (below,
+# a fresh temporary costs less than the lookup of a buffer).
+_REUSE_ELEMENTS = 2**16
+
+
 def ema_average(value, batch_value, momentum):
     """``m * value + (1 - m) * batch_value``, a new array."""
     if momentum == 0.0:  # the same numbers: 0 * value adds (signed) zeros
         return np.array(batch_value, dtype=np.result_type(batch_value, 1.0))
     new = np.multiply(value, momentum)
-    if value.ndim == 2:
+    if value.size >= _REUSE_ELEMENTS:
         # Through a reused buffer: a fresh temporary of a large code book
         # page-faults on every step.
         share = scratch("ema-share", value.shape, np.result_type(batch_value, 1.0))

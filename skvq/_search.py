@@ -126,6 +126,23 @@ def _distinct_code_ids(codebook):
     return np.sort(first)
 
 
+# Code books of at least this many values find their extremes column by
+# column (no temporary as large as the code book); smaller ones in two calls.
+_COLUMN_EXTREMES_ELEMENTS = 2**16
+
+
+def _extremes(codes, center):
+    """The largest ``|code|`` and ``|code - center|`` entries (the same
+    roundings either way: ``max(c) - center`` is the largest ``c - center``)."""
+    if codes.size < _COLUMN_EXTREMES_ELEMENTS:
+        largest = float(np.abs(codes).max(initial=0.0))
+        return largest, float(np.abs(codes - center).max(initial=0.0))
+    highest, lowest = codes.max(axis=0), codes.min(axis=0)
+    largest = float(max(highest.max(), -lowest.min()))
+    spread = float(max((highest - center).max(), (center - lowest).max()))
+    return largest, spread
+
+
 def kd_tree_pays_off(n_features, n_codes):
     """The ``algorithm="auto"`` rule, measured with ``benchmarks/auto_rule.py``.
 
@@ -425,20 +442,7 @@ class CodebookIndex:
         self.codes64 = distinct.astype(np.float64, copy=False)
         n_distinct = max(1, self.codes64.shape[0])
         self._center = center = np.einsum("ij->j", self.codes64) / n_distinct
-        # Column extremes: the largest |code| and |code - center| without a
-        # temporary the size of the code book (the same roundings).
-        highest = self.codes64.max(axis=0, initial=-np.inf)
-        lowest = self.codes64.min(axis=0, initial=np.inf)
-        self._codes_max = float(
-            max(np.abs(highest).max(initial=0.0), np.abs(lowest).max(initial=0.0))
-        )
-        spread = (
-            float(np.maximum(highest - center, center - lowest).max(initial=0.0))
-            if self.codes64.shape[0]
-            else 0.0
-        )
-        if not spread > 0:
-            spread = float(np.abs(center).max(initial=0.0))
+        self._codes_max, spread = _extremes(self.codes64, center)
         self.tree_scale = power_of_two_scale(
             spread, _SAFE_EXPONENT[np.dtype(np.float64)]
         )

@@ -40,8 +40,9 @@ CHUNK_ROWS = 2**14
 
 
 def is_sparse(X):
-    """Whether ``X`` is a SciPy sparse matrix or array."""
-    return sparse.issparse(X)
+    """Whether ``X`` is a SciPy sparse matrix or array (a NumPy array is
+    told apart without the slower abstract-class check)."""
+    return type(X) is not np.ndarray and sparse.issparse(X)
 
 
 def canonical_csr(X):
