@@ -94,18 +94,7 @@ def _seed_distances(points):
         centred = centred.astype(np.float32)
         sq_norms = np.einsum("ij,ij->i", centred, centred)
     centred_t = np.ascontiguousarray(centred.T)
-
-    def sq_dist(idx):
-        # In place: fresh temporaries of this size page-fault on every call.
-        d = centred[idx] @ centred_t
-        d *= -2.0
-        d += sq_norms
-        d += sq_norms[idx][:, None]
-        np.maximum(d, 0.0, out=d)
-        d[np.arange(idx.shape[0]), idx] = 0.0
-        return d
-
-    return sq_dist
+    return _distances_by_products(lambda idx: centred[idx] @ centred_t, sq_norms)
 
 
 def _sparse_seed_distances(points):
@@ -116,10 +105,20 @@ def _sparse_seed_distances(points):
     scale = float(np.ldexp(1.0, 1 - int(np.frexp(largest)[1]))) if largest > 0 else 1.0
     points = _sparse.scaled(points, scale)
     points_t = points.T.tocsr()
-    sq_norms = _sparse.row_sq_norms(points)
+    return _distances_by_products(
+        lambda idx: (points[idx] @ points_t).toarray(), _sparse.row_sq_norms(points)
+    )
+
+
+def _distances_by_products(products, sq_norms):
+    """``sq_dist(idx)``: squared distances of points ``idx`` to every point,
+    ``||a||^2 + ||b||^2 - 2 a.b`` from ``products(idx)`` (a fresh array of
+    the points' products) and the points' squared norms; exactly 0 from a
+    point to itself."""
 
     def sq_dist(idx):
-        d = np.asarray((points[idx] @ points_t).toarray())
+        # In place: fresh temporaries of this size page-fault on every call.
+        d = products(idx)
         d *= -2.0
         d += sq_norms
         d += sq_norms[idx][:, None]
