@@ -21,8 +21,8 @@ counterpart:
   feature moments from the stored values and the zeros' share.
 - Row hashes and priorities (:mod:`skvq._rows`): the same numbers as for the
   dense rows (zeros add nothing to the stage hash, nor to a running sum in
-  column order); the equality hash of :func:`equal_row_groups` is a hash of
-  the stored (column, value) pairs.
+  column order); equal rows are grouped (:func:`skvq._rows.group_rows`) by a
+  hash of the stored (column, value) pairs.
 - Seeding and splits: distances by products (``||x||^2 + ||c||^2 - 2 x.c``)
   rather than differences of centred rows.
 
@@ -119,9 +119,11 @@ def row_ids(X):
     return np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))
 
 
-def row_sums(X, values):
-    """Per-row sums of ``values`` (one per stored entry), in column order."""
-    return np.bincount(row_ids(X), weights=values, minlength=X.shape[0])
+def row_sums(X, values, ids=None):
+    """Per-row sums of ``values`` (one per stored entry), in column order
+    (``ids``: :func:`row_ids`, when already known)."""
+    ids = row_ids(X) if ids is None else ids
+    return np.bincount(ids, weights=values, minlength=X.shape[0])
 
 
 def row_sq_norms(X):
@@ -231,9 +233,9 @@ def sq_dist_to(X, codes64, labels, scale=1.0, code_sq=None):
     code_sq = code_sq[labels]
     with np.errstate(over="ignore", invalid="ignore"):
         diff = data - chosen
-        sq = code_sq - row_sums(X, chosen * chosen)
+        sq = code_sq - row_sums(X, chosen * chosen, ids)
         np.maximum(sq, 0.0, out=sq)
-        sq += row_sums(X, diff * diff)
+        sq += row_sums(X, diff * diff, ids)
     if scale != 1.0:
         with np.errstate(over="ignore", under="ignore"):
             sq /= scale
