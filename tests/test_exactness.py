@@ -168,6 +168,19 @@ def test_k_nearest_codes_are_exact_with_ties_to_the_lowest_index(algorithm):
     assert_allclose(sq, np.take_along_axis(d2, order, axis=1))
 
 
+def test_bounded_k_nearest_finds_the_same_codes_within_its_bound():
+    rng = np.random.RandomState(0)
+    codes = rng.normal(size=(200, 24)).astype(np.float32)
+    X = rng.normal(size=(400, 24))
+    index = CodebookIndex(codes, "brute")
+    labels, sq = index.nearest_k(X, 5)
+    found = index.nearest_k_bounded(X, 5)
+    assert_array_equal(np.sort(found.labels, axis=1), np.sort(labels, axis=1))
+    exact = ((X[:, None, :] - codes.astype(float)[found.labels]) ** 2).sum(axis=2)
+    assert np.all(np.abs(found.sq_dist - exact) <= found.slack[:, None] + 1e-12)
+    assert found.slack.max() > 0  # bounds, not exact distances, for most rows
+
+
 def test_beam_search_never_forms_rows_times_codes_per_path():
     rng = np.random.RandomState(0)
     X = rng.normal(size=(200, 4))
