@@ -247,17 +247,26 @@ def sq_dist_to(X, codes64, labels, scale=1.0, code_sq=None):
 def code_sums(X, labels, sample_weight, n_codes):
     """``sum of w_i x_i`` over the rows of each code (float64, dense)."""
     # The stored values scattered onto (code, column) in row order, chunk by
-    # chunk: the same sums as one pass, with bounded temporaries.  (np.add.at
-    # into one array: 37 ms for 800,000 entries and 2,000,000 cells, against
-    # 47 ms for a bincount that also allocates the cells; the sparse product
-    # with the assignment, its dense conversion included, was slower still.)
+    # chunk: the same sums as one pass, with bounded temporaries.  The first
+    # chunk by np.bincount, which also allocates the sums; the next ones by
+    # np.add.at into them (16,384 TF-IDF rows, 100 x 20,000 cells: 6.0 ms and
+    # 7.4 ms, where a bincount per chunk also adds a pass over the sums, and
+    # the sparse product with the assignment takes 13.8 ms).
     n_features = X.shape[1]
-    sums = np.zeros(n_codes * n_features)
-    for lo, hi in row_chunks(X.shape[0]):
+    chunks = row_chunks(X.shape[0])
+    if not chunks:
+        return np.zeros((n_codes, n_features))
+
+    def scattered(lo, hi):
         part = row_range(X, lo, hi)
         ids = row_ids(part)
         cells = labels[lo:hi][ids] * n_features + part.indices
-        np.add.at(sums, cells, sample_weight[lo:hi][ids] * part.data)
+        return cells, sample_weight[lo:hi][ids] * part.data
+
+    cells, values = scattered(*chunks[0])
+    sums = np.bincount(cells, weights=values, minlength=n_codes * n_features)
+    for lo, hi in chunks[1:]:
+        np.add.at(sums, *scattered(lo, hi))
     return sums.reshape(n_codes, n_features)
 
 
