@@ -454,6 +454,8 @@ class CodebookIndex:
         n_distinct = max(1, self.codes64.shape[0])
         self._center = center = np.einsum("ij->j", self.codes64) / n_distinct
         self._codes_max, spread = _extremes(self.codes64, center)
+        if not spread > 0:  # one distinct code: the scale of the code itself
+            spread = float(np.abs(center).max(initial=0.0))
         self.tree_scale = power_of_two_scale(
             spread, _SAFE_EXPONENT[np.dtype(np.float64)]
         )

@@ -287,3 +287,13 @@ def test_one_feature_search_is_exact_at_extreme_scales():
     labels, _ = CodebookIndex(codes, "auto").nearest(X)
     scaled = nearest(np.ldexp(X, 1060), np.ldexp(codes, 1060))
     assert_array_equal(labels, scaled)
+
+
+@pytest.mark.parametrize("n_codes", [1, 3])
+def test_identical_codes_far_from_unit_scale_get_a_search_scale(n_codes):
+    # No spread: the scale comes from the code itself, as for any code book.
+    codes = np.full((n_codes, 4), 2.0**600)
+    assert (
+        CodebookIndex(codes, "brute").scale == CodebookIndex(codes * 1.5, "brute").scale
+    )
+    assert CodebookIndex(codes, "brute").scale != 1.0
