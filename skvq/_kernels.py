@@ -187,7 +187,7 @@ def code_statistics(X, labels, sample_weight, n_codes, n_jobs=None):
     """
     n_samples = X.shape[0]
     counts = np.bincount(labels, weights=sample_weight, minlength=n_codes)
-    if _sparse.is_sparse(X):  # one product, in row order: no threads
+    if _sparse.is_sparse(X):  # one scatter in row order (chunked): no threads
         return counts, _sparse.code_sums(X, labels, sample_weight, n_codes)
     chunk = _STATISTICS_CHUNK
     if n_samples <= chunk:

@@ -119,7 +119,7 @@ def _beam_block(X, indexes, beam_size):
     residual = residual[:, None, :]
     paths = np.zeros((X.shape[0], 1, 0), dtype=np.intp)
     for index in indexes:
-        paths, residual, err = _extend(paths, residual, index, beam_size, n_jobs=1)
+        paths, residual, err = _extend(paths, residual, index, beam_size)
     if err is _GREEDY:
         err = np.einsum("ijk,ijk->ij", residual, residual)
     return paths[:, 0], err[:, 0]
@@ -175,7 +175,7 @@ def extend_beams(X, paths, indexes, index, beam_size, n_jobs=None):
             rows = slice(lo, min(lo + block, stop))
             residual = residuals(X[rows], paths[rows], indexes)
             new_paths[rows], residual, err = _extend(
-                paths[rows], residual, index, beam_size, n_jobs=1
+                paths[rows], residual, index, beam_size
             )
             if err is _GREEDY:
                 err = np.einsum("ijk,ijk->ij", residual, residual)
@@ -186,16 +186,17 @@ def extend_beams(X, paths, indexes, index, beam_size, n_jobs=None):
     return new_paths, sq_err
 
 
-def _extend(paths, residual, index, beam_size, n_jobs):
+def _extend(paths, residual, index, beam_size):
     """One stage of beam search on a block: the kept paths, their residuals
     and squared errors after the stage (best first, ties to the lowest
     (path, code)); a greedy stage (one path, one code) updates the residuals
-    in place and leaves the errors to the caller (``_GREEDY``)."""
+    in place and leaves the errors to the caller (``_GREEDY``).  In the
+    calling thread: the callers share blocks among the threads."""
     n_rows, n_paths, n_features = residual.shape
     flat = residual.reshape(n_rows * n_paths, n_features)
     k = min(beam_size, index.codes64.shape[0])
     if k == 1:
-        found = index.nearest(flat, n_jobs=n_jobs)[0]
+        found = index.nearest(flat, n_jobs=1)[0]
         if n_paths == 1:  # greedy: no ranking to do
             chosen = scratch("beam-chosen", flat.shape, np.float64)
             np.take(_vectors(index), found, axis=0, out=chosen, mode="clip")
@@ -207,7 +208,7 @@ def _extend(paths, residual, index, beam_size, n_jobs):
             "ij,ij->i", flat - _vectors(index)[found], flat - _vectors(index)[found]
         )[:, None]
     else:
-        found = index.nearest_k_bounded(flat, k, n_jobs=n_jobs)
+        found = index.nearest_k_bounded(flat, k, n_jobs=1)
         return _best_extensions(paths, residual, _vectors(index), found, beam_size)
     # Candidates of a row, path by path, each path's nearest first: a stable
     # sort keeps the lowest (path, code) among equal errors.
