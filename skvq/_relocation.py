@@ -19,6 +19,7 @@ References
 """
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -50,6 +51,16 @@ class Relocation:
     remaining: float  # share of the split cell's distortion that remains
     gain: float  # estimated distortion saved by the split
     cost: float  # distortion added by the merge (Ward's formula)
+    certain: bool = False  # gain and cost exact, and the gain the larger
+
+
+class Split(NamedTuple):
+    """Two children of a cell (see :func:`split_cell`)."""
+
+    kept: np.ndarray  # the child that keeps the cell's code
+    moved: np.ndarray  # the child that a relocated code becomes
+    moved_share: float  # share of the cell's weight nearer ``moved``
+    remaining: float  # share of the cell's distortion left after the split
 
 
 def merge_costs(codebook, counts, candidates):
@@ -157,27 +168,29 @@ def _children(Y, v):
     return _sparse_two_means(Y, v) if _sparse.is_sparse(Y) else _two_means(Y, v)
 
 
-def split_cell(Y, v, code, min_gain=0.0):
-    """Held-out gain of replacing ``code`` by two children of its cell.
+def split_cell(Y, v, code, min_gain=0.0, *, cross_fit=True):
+    """Gain of replacing ``code`` by two children of its cell.
 
-    The children are fitted on all rows; the gain on those same rows is
-    biased upwards, so when it exceeds ``min_gain`` (else the cell is
-    passed over, at the cost of one 2-means fit), the gain is estimated
-    again by two-fold cross-fitting: children fitted on one fold are
-    measured on the other and the other way round, an honest estimate even
-    from a few rows.  The folds alternate along the rows' priorities
-    (:func:`~skvq._rows.row_priority`): pseudo-random, yet a function of the
-    rows as a set, so the estimate does not depend on their order and barely
-    moves when they change by rounding.
+    The children are fitted on all rows.  Their gain on those rows, the
+    fitted gain, is exact for the rows given, but as an estimate of the gain
+    on the rows they stand for it is biased upwards.  With ``cross_fit``,
+    when the fitted gain exceeds ``min_gain`` (else the cell is passed over,
+    at the cost of one 2-means fit), the gain is estimated again by two-fold
+    cross-fitting: children fitted on one fold are measured on the other and
+    the other way round, an honest estimate even from a few rows.  The folds
+    alternate along the rows' priorities (:func:`~skvq._rows.row_priority`):
+    pseudo-random, yet a function of the rows as a set, so the estimate does
+    not depend on their order and barely moves when they change by
+    rounding.  Without ``cross_fit`` (the rows are the whole cell), the
+    fitted gain is returned.
 
     Returns
     -------
     gain : float
-        Estimated decrease of ``sum v_i ||y_i - c||^2`` (may be negative).
-    split : tuple or None
-        ``(a, b, b_share, remaining)``: the children, the share of the
-        weight nearer ``b`` and the share of the distortion left after the
-        split; None when the rows cannot be split or gain too little.
+        Estimated (or, without ``cross_fit``, the exact) decrease of
+        ``sum v_i ||y_i - c||^2`` (may be negative).
+    split : Split or None
+        None when the rows cannot be split or gain too little.
     """
     Y = Y.astype(np.float64, copy=False)
     code = code.astype(np.float64)
@@ -189,6 +202,10 @@ def split_cell(Y, v, code, min_gain=0.0):
     after = float(v @ np.minimum(_sq_dist(Y, a), _sq_dist(Y, b)))
     if not before - after > min_gain:
         return 0.0, None
+    remaining = min(after / before, 1.0) if before > 0 else 1.0
+    split = Split(a, b, b_share, remaining)
+    if not cross_fit:
+        return before - after, split
     rank = np.argsort(row_priority(Y), kind="stable")
     folds = (np.sort(rank[0::2]), np.sort(rank[1::2]))
     gain = 0.0
@@ -198,10 +215,9 @@ def split_cell(Y, v, code, min_gain=0.0):
             return 0.0, None
         test = Y[test_rows]
         kept = _sq_dist(test, code)
-        split = np.minimum(_sq_dist(test, fold[0]), _sq_dist(test, fold[1]))
-        gain += float(v[test_rows] @ (kept - split))
-    remaining = after / before if before > 0 else 1.0
-    return gain, (a, b, b_share, min(remaining, 1.0))
+        split_sq = np.minimum(_sq_dist(test, fold[0]), _sq_dist(test, fold[1]))
+        gain += float(v[test_rows] @ (kept - split_sq))
+    return gain, split
 
 
 def cell_members(X, sample_weight, labels, cells, min_rows=1):
@@ -267,7 +283,15 @@ def split_rows(members, cell_weights):
     return rows
 
 
-def plan_relocations(codebook, counts, rows, merge_candidates, max_moves, min_ratio):
+def whole_cells(members):
+    """The cells of :func:`cell_members`'s ``members`` that hold all their
+    distinct rows (fewer than the ``MAX_SPLIT_ROWS`` cap)."""
+    return frozenset(p for p, (Y, _) in members.items() if Y.shape[0] < MAX_SPLIT_ROWS)
+
+
+def plan_relocations(
+    codebook, counts, rows, merge_candidates, max_moves, min_ratio, *, whole=()
+):
     """Moves that each split a cell whose gain exceeds ``min_ratio`` times the cost.
 
     ``rows`` maps each split candidate to its rows and weights (in the units
@@ -276,6 +300,13 @@ def plan_relocations(codebook, counts, rows, merge_candidates, max_moves, min_ra
     cell of largest gain; the cells of a move (the moved code, its merge
     partner, the split cell) are left out of later moves, so the moves are
     independent.
+
+    The cells in ``whole`` are given with all their rows (at their
+    centroids, as after a full step): their gain is the fitted one, exact,
+    and a move into one of them is planned only when that gain exceeds the
+    cost (exact too, by Ward's formula).  Such a move is *certain*: the
+    partition it makes has a lower distortion than the one before, whatever
+    the rows of the other cells, so it needs no trial steps.
 
     Returns
     -------
@@ -287,9 +318,12 @@ def plan_relocations(codebook, counts, rows, merge_candidates, max_moves, min_ra
     min_gain = min_ratio * cost.min()
     splits = []
     for p, (Y, v) in rows.items():
-        gain, split = split_cell(Y, v, codebook[p], min_gain)
+        exact = p in whole
+        gain, split = split_cell(
+            Y, v, codebook[p], cost.min() if exact else min_gain, cross_fit=not exact
+        )
         if split is not None and gain > 0:
-            splits.append((gain, p, split))
+            splits.append((gain, p, split, exact))
     splits.sort(key=lambda s: (-s[0], s[1]))
     moves, used = [], set()
     # Ward's cost is symmetric: of two mutual neighbours, the lower index
@@ -301,12 +335,16 @@ def plan_relocations(codebook, counts, rows, merge_candidates, max_moves, min_ra
         if i in used or partner in used:
             continue
         choice = next((s for s in splits if s[1] not in (i, partner)), None)
-        if choice is None or not choice[0] > min_ratio * cost[j]:
+        if choice is None:
             break
-        gain, p, (a, b, b_share, remaining) = choice
+        gain, p, split, exact = choice
+        if not gain > (1.0 if exact else min_ratio) * cost[j]:
+            break
         splits.remove(choice)
         used.update((i, partner, p))
-        moves.append(Relocation(i, partner, p, a, b, b_share, remaining, gain, cost[j]))
+        moves.append(
+            Relocation(i, partner, p, *split, gain=gain, cost=cost[j], certain=exact)
+        )
     return moves
 
 

@@ -12,6 +12,7 @@ from skvq._relocation import (
     merge_members,
     plan_relocations,
     split_cell,
+    whole_cells,
 )
 
 
@@ -180,7 +181,48 @@ def test_verbose_reports_relocation_rounds(capsys):
         n_codes=3, init=init, batch_size=X.shape[0], verbose=1, random_state=0
     ).fit(X)
     out = capsys.readouterr().out
-    assert "Relocated 1 codes: distortion " in out and ", kept." in out
+    assert "Relocated 1 codes (certain): distortion " in out and ", kept." in out
+
+
+def test_a_move_into_a_whole_cell_is_certain_with_the_exact_gain():
+    X = three_clusters()
+    codebook = np.array([[-0.1, 0.0], [0.1, 0.0], [15.0, 0.0]])
+    counts = np.array([150.0, 150.0, 600.0])
+    rows = {2: (X[300:], np.ones(600))}
+    (move,) = plan_relocations(codebook, counts, rows, np.arange(3), 1, 0.0, whole={2})
+    assert move.certain and move.split == 2
+    # The fitted gain of the two blobs, not a cross-fitted estimate.
+    cell = X[300:]
+    exact = float(np.sum((cell - codebook[2]) ** 2)) - sse(X[300:600]) - sse(X[600:])
+    assert move.gain == pytest.approx(exact, rel=1e-12)
+    (trial,) = plan_relocations(codebook, counts, rows, np.arange(3), 1, 0.0)
+    assert not trial.certain and trial.gain != pytest.approx(exact, rel=1e-6)
+
+
+def test_no_certain_move_when_the_exact_gain_is_below_the_cost():
+    X = three_clusters()
+    codebook = np.array([[0.0, 0.0], [10.0, 0.0], [20.0, 0.0]])
+    counts = np.full(3, 300.0)
+    rows = {k: (X[300 * k : 300 * (k + 1)], np.ones(300)) for k in range(3)}
+    # At ratio 0 any positive cross-fitted gain makes a trial move ...
+    assert plan_relocations(codebook, counts, rows, np.arange(3), 1, 0.0)
+    # ... but a whole cell's split must pay for the merge.
+    whole = plan_relocations(
+        codebook, counts, rows, np.arange(3), 1, 0.0, whole={0, 1, 2}
+    )
+    assert whole == []
+
+
+def test_only_cells_below_the_row_cap_are_whole(monkeypatch):
+    import skvq._relocation as relocation
+
+    monkeypatch.setattr(relocation, "MAX_SPLIT_ROWS", 5)
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(12, 2))
+    labels = np.repeat([0, 1], [4, 8])
+    members = cell_members(X, np.ones(12), labels, [0, 1])
+    assert members[1][0].shape[0] == 5  # capped
+    assert whole_cells(members) == {0}
 
 
 # ----------------------------------------------------------------- streams
