@@ -183,6 +183,13 @@ def _mix64(z):
 def group_rows(X):
     """Group the equal rows of ``X``, groups in canonical order.
 
+    Dense rows are sorted by their canonical key (:func:`canonical_order`'s
+    projection), which equal rows share: when every run of equal keys holds
+    equal rows (distinct rows tie only through an exact linear relation or
+    a rounding coincidence), the runs are the groups, already in canonical
+    order.  Otherwise, and for sparse rows, rows are grouped by a hash of
+    their bits (:func:`_equal_rows`) and the groups put in canonical order.
+
     Returns
     -------
     rows : ndarray of shape (n_rows, n_features), float64
@@ -193,16 +200,44 @@ def group_rows(X):
     inverse : ndarray of shape (n_rows,), dtype=intp
         The group of each row.
     """
-    rows = X.astype(np.float64)
-    if _sparse.is_sparse(rows):  # canonical: no stored zeros, nor -0.0
+    if _sparse.is_sparse(X):  # canonical: no stored zeros, nor -0.0
+        rows = X.astype(np.float64)
         first, inverse = _equal_sparse_rows(rows)
     else:
-        rows += 0.0  # -0.0 + 0.0 == +0.0: equal values get equal bits
+        # -0.0 + 0.0 == +0.0: equal values get equal bits (one pass, a copy).
+        rows = np.add(X, 0.0, dtype=np.float64)
+        grouped = _groups_by_key(rows)
+        if grouped is not None:
+            return (rows, *grouped)
         first, inverse = _equal_rows(rows)
     order = canonical_order(rows[first])
     rank = np.empty_like(order)
     rank[order] = np.arange(order.shape[0])
     return rows, first[order], rank[inverse]
+
+
+def _groups_by_key(rows):
+    """:func:`group_rows`'s ``first`` and ``inverse`` from the canonical key
+    of dense ``rows``, or None when some distinct rows share a key."""
+    n_rows = rows.shape[0]
+    if n_rows == 0:
+        return np.zeros(0, dtype=np.intp), np.zeros(0, dtype=np.intp)
+    key = project(rows, _directions(rows.shape[1])[0])
+    order = np.argsort(key)  # the runs, not their inner order, matter
+    key = key[order]
+    same_key = key[1:] == key[:-1]
+    if same_key.any():
+        tied = np.flatnonzero(same_key)
+        if np.any(rows[order[tied]] != rows[order[tied + 1]]):
+            return None
+    starts = np.flatnonzero(np.concatenate(([True], ~same_key)))
+    # Each group's first row: the lowest index of its run.
+    first = np.minimum.reduceat(order, starts)
+    group = np.zeros(n_rows, dtype=np.intp)
+    group[starts[1:]] = 1
+    inverse = np.empty(n_rows, dtype=np.intp)
+    inverse[order] = np.cumsum(group)
+    return first, inverse
 
 
 def _equal_rows(rows):

@@ -155,6 +155,19 @@ def test_canonical_sample_merges_signed_zeros_and_duplicates():
     assert_array_equal(weights[order], [3.0, 2.0])
 
 
+def test_distinct_rows_sharing_a_canonical_key_are_not_grouped(monkeypatch):
+    import skvq._rows as rows_module
+
+    X = np.array([[1.0, 2.0], [3.0, 4.0], [1.0, 2.0], [3.0, 4.0], [5.0, 0.0]])
+    # Every row gets the same key: the key alone cannot tell the rows apart.
+    monkeypatch.setattr(rows_module, "project", lambda rows, d: np.zeros(len(rows)))
+    assert rows_module._groups_by_key(X) is None
+    _, first, inverse = rows_module.group_rows(X)
+    assert_array_equal(inverse[[0, 1, 4]], np.unique(inverse))  # three groups
+    assert inverse[2] == inverse[0] and inverse[3] == inverse[1]
+    assert_array_equal(np.sort(first), [0, 1, 4])
+
+
 def test_canonical_sample_order_ignores_row_order_and_hash_collisions(monkeypatch):
     rng = np.random.RandomState(1)
     X = rng.randint(0, 4, size=(300, 3)).astype(float)
@@ -164,9 +177,15 @@ def test_canonical_sample_order_ignores_row_order_and_hash_collisions(monkeypatc
     permuted = canonical_sample(X[perm], w[perm])
     assert_array_equal(permuted.points, sample.points)
     np.testing.assert_allclose(permuted.weights, sample.weights)
-    # Should two distinct rows share a hash, rows are grouped exactly by
-    # np.unique instead, and the sample stays the same.
+    # Should two distinct rows share a canonical key, they are grouped by a
+    # hash; should they share a hash too, exactly by np.unique; the sample
+    # stays the same.
     import skvq._rows as rows_module
+
+    monkeypatch.setattr(rows_module, "_groups_by_key", lambda rows: None)
+    hashed = canonical_sample(X[perm], w[perm])
+    assert_array_equal(hashed.points, sample.points)
+    np.testing.assert_allclose(hashed.weights, sample.weights)
 
     def colliding(rows):
         _, first, inverse = np.unique(
