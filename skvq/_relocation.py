@@ -124,7 +124,10 @@ def _two_means(Y, v):
         b_sum = in_b @ Y
         b = b_sum / w_b
         a = (weighted_sum - b_sum) / (total - w_b)
+        was_b = near_b
         near_b = Y @ (b - a) > 0.5 * (b @ b - a @ a)
+        if np.array_equal(near_b, was_b):
+            break  # a fixed point: more steps would repeat this one
     return a, b, float(w_b / total)
 
 
