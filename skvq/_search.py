@@ -50,7 +50,13 @@ from scipy.spatial import cKDTree
 
 from . import _sparse
 from ._rows import group_rows
-from ._threads import TASK_ELEMENTS, n_threads, run_tasks, working_memory_rows
+from ._threads import (
+    TASK_ELEMENTS,
+    n_threads,
+    run_tasks,
+    task_threads,
+    working_memory_rows,
+)
 
 # Elements of one block of the score matrix in the brute backend.  At 2**20
 # (4 MiB of float32 scores) the product and the two argmin passes cost no
@@ -326,7 +332,9 @@ def sq_dist_to_codes(X, codes, labels, n_jobs=None, scale=1.0):
             hi = min(lo + block, stop)
             out[lo:hi] = _sq_dist_to(X[lo:hi], codes, labels[lo:hi], scale)
 
-    run_tasks(work, X.shape[0], block, n_threads(n_jobs), 4 * block)
+    run_tasks(
+        work, X.shape[0], block, task_threads(n_jobs, X.shape[0], 4 * block), 4 * block
+    )
     return out
 
 
@@ -553,8 +561,8 @@ class CodebookIndex:
         labels = np.empty(n_rows, dtype=np.intp)
         sq_dist = np.empty(n_rows) if return_sq_dist else None
         second = np.zeros(n_rows) if return_second else None
-        threads = n_threads(n_jobs)
         codes = self._codes_for(X.dtype)
+        min_task_rows = TASK_ELEMENTS // n_distinct
         if _sparse.is_sparse(X):
             # Products with the stored entries only; never a tree.
             prep = self._sparse_layout()
@@ -563,28 +571,28 @@ class CodebookIndex:
             def search(rows):
                 return self._brute_block(rows, prep)
 
-            tasks = dict(n_threads=threads, min_task_rows=TASK_ELEMENTS // n_distinct)
         elif self._uses_line():
+            min_task_rows = TASK_ELEMENTS // 8
+            threads = task_threads(n_jobs, n_rows, min_task_rows)
             block = working_memory_rows(_LINE_ROW_BYTES, n_rows, threads)
             search = self._line_block
-            tasks = dict(n_threads=threads, min_task_rows=TASK_ELEMENTS // 8)
         elif self._uses_tree():
             block = working_memory_rows(8 * X.shape[1] + 64, n_rows)
+            tree_threads = n_threads(n_jobs)  # the tree's own workers
 
             def search(rows):
-                return self._kd_block(rows, threads)
+                return self._kd_block(rows, tree_threads)
 
-            tasks = dict(n_threads=1, min_task_rows=n_rows)
+            min_task_rows = n_rows  # one task
         else:
             prep = self._prep(self._working_dtype(X.dtype))
             row_bytes = prep.dtype.itemsize * (n_distinct + X.shape[1] + 1)
+            threads = task_threads(n_jobs, n_rows, min_task_rows)
             block = working_memory_rows(row_bytes, n_rows, threads)
             block = min(block, max(16, _BLOCK_ELEMENTS // n_distinct))
 
             def search(rows):
                 return self._brute_block(rows, prep)
-
-            tasks = dict(n_threads=threads, min_task_rows=TASK_ELEMENTS // n_distinct)
 
         def work(start, stop):
             for lo in range(start, stop, block):
@@ -599,7 +607,13 @@ class CodebookIndex:
                 if sq_dist is not None:
                     sq_dist[lo:hi] = self._sq_dist_block(X[lo:hi], codes, labels[lo:hi])
 
-        run_tasks(work, n_rows, block, **tasks)
+        run_tasks(
+            work,
+            n_rows,
+            block,
+            task_threads(n_jobs, n_rows, min_task_rows),
+            min_task_rows,
+        )
         if return_second:
             return labels, sq_dist, second
         return labels, sq_dist

@@ -86,7 +86,7 @@ def blas_held(n_jobs, n_scores):
     held with one thread in all, or when searches of ``n_scores`` row-code
     pairs are too small to share (BLAS's threads then do the work).
     """
-    if n_threads(n_jobs) > 1 and n_scores >= 2 * TASK_ELEMENTS:
+    if n_scores >= 2 * TASK_ELEMENTS and n_threads(n_jobs) > 1:
         with BLAS_HOLD:
             yield
     else:
@@ -112,6 +112,16 @@ def n_threads(n_jobs):
     if n_jobs < 0:
         return max(1, n_cores() + 1 + n_jobs)
     return max(1, n_jobs)
+
+
+def task_threads(n_jobs, n_rows, min_task_rows):
+    """Threads for ``n_rows`` rows cut into tasks of at least
+    ``min_task_rows`` (see :func:`run_tasks`): 1 when they make one task,
+    without reading the BLAS limits (a few microseconds, which a small
+    stream step notices), else :func:`n_threads`."""
+    if n_rows < 2 * max(1, min_task_rows):
+        return 1
+    return n_threads(n_jobs)
 
 
 _POOL_LOCK = threading.Lock()
