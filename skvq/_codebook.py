@@ -368,8 +368,9 @@ class VQCodebookTransformer(QuantizerBase):
         at most 6 per stage before the last, until the stopping rules of
         ``tol`` and ``max_no_improvement``, or ``max_iter`` steps in all.
         With ``relocate``, the largest stage of at most 65,536 rows runs to
-        convergence and then makes relocation rounds, each kept only if the
-        distortion drops.
+        convergence and then makes relocation rounds: moves certain to lower
+        the distortion (exact gains above their costs) at once, then trials
+        of one or two moves, each kept only if the distortion drops.
         The counts and sums it leaves are expressed per ``batch_size`` rows,
         so that :meth:`partial_fit` continues from them as from a stream.
 

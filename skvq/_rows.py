@@ -60,14 +60,28 @@ def _directions(n_features):
     return rng.uniform(0.5, 1.5, size=(2, n_features))
 
 
+# Below this many values, a projection is one accumulation along the rows
+# (one call) rather than a loop over the columns (one call per column).
+_ACCUMULATE_VALUES = 2**14
+
+
 def project(rows, direction):
     """``rows @ direction``, computed the same way for every row.
 
     The terms of each row are added in column order, one column at a time,
     so a row's value is the same sequence of roundings wherever the row
     sits, in whatever array (a BLAS product or a reduction may group the
-    terms differently by alignment or shape).
+    terms differently by alignment or shape).  Small arrays do it in one
+    running sum along each row (``np.add.accumulate``, sequential by
+    definition): the same roundings, the same bits (``+ 0.0`` turns the
+    ``-0.0`` of an all-zero row into the loop's ``0.0``).
     """
+    if rows.size <= _ACCUMULATE_VALUES:
+        terms = rows * direction
+        if terms.shape[1] == 0:
+            return np.zeros(rows.shape[0])
+        np.add.accumulate(terms, axis=1, out=terms)
+        return terms[:, -1] + 0.0
     out = np.zeros(rows.shape[0])
     for start in range(0, rows.shape[0], _PROJECTION_ROWS):
         block = rows[start : start + _PROJECTION_ROWS] * direction

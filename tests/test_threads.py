@@ -155,6 +155,22 @@ def test_canonical_sample_merges_signed_zeros_and_duplicates():
     assert_array_equal(weights[order], [3.0, 2.0])
 
 
+def test_small_projections_have_the_bits_of_the_column_loop(monkeypatch):
+    import skvq._rows as rows_module
+
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(40, 64)) * 10.0 ** rng.randint(-8, 8, size=(40, 64))
+    X[0] = -0.0  # an all-zero row projects to +0.0 either way
+    X = np.vstack([X, X[::-1]])
+    direction = rows_module._directions(64)[0]
+    accumulated = rows_module.project(X, direction)
+    monkeypatch.setattr(rows_module, "_ACCUMULATE_VALUES", -1)
+    looped = rows_module.project(X, direction)
+    assert_array_equal(accumulated.view(np.uint64), looped.view(np.uint64))
+    # The same row gives the same bits wherever it sits.
+    assert_array_equal(accumulated[:40], accumulated[40:][::-1])
+
+
 def test_distinct_rows_sharing_a_canonical_key_are_not_grouped(monkeypatch):
     import skvq._rows as rows_module
 
