@@ -106,6 +106,25 @@ def test_fit_does_not_depend_on_the_thread_count(n_jobs):
     assert_array_equal(vq.ema_counts_, reference.ema_counts_)
 
 
+def test_statistics_in_many_chunks_do_not_depend_on_the_threads(monkeypatch):
+    import skvq._kernels as kernels
+
+    # Chunks of 2**12 rows: 50,000 rows of 3 features make 13 of them.
+    monkeypatch.setattr(kernels, "_STATISTICS_CHUNK_VALUES", 2**12)
+    monkeypatch.setattr(kernels, "_STATISTICS_CHUNK_ROWS", 2**12)
+    assert kernels.statistics_chunk(3) == 2**12
+    X = data(50_000, n_features=3)
+    rng = np.random.RandomState(0)
+    labels, w = rng.randint(7, size=50_000), rng.uniform(0.5, 2.0, size=50_000)
+    one = kernels.code_statistics(X, labels, w, 7, n_jobs=1)
+    two = kernels.code_statistics(X, labels, w, 7, n_jobs=2)
+    assert_array_equal(one[0], two[0])
+    assert_array_equal(one[1], two[1])
+    expected = np.zeros((7, 3))
+    np.add.at(expected, labels, w[:, None] * X.astype(np.float64))
+    np.testing.assert_allclose(one[1], expected, rtol=1e-12)
+
+
 # ----------------------------------------------------------- Lloyd bounds
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_lloyd_bounds_give_the_labels_of_a_full_search(dtype):
