@@ -566,6 +566,7 @@ class CodebookIndex:
         if _sparse.is_sparse(X):
             # Products with the stored entries only; never a tree.
             prep = self._sparse_layout()
+            threads = task_threads(n_jobs, n_rows, min_task_rows)
             block = min(n_rows, max(16, _BLOCK_ELEMENTS // n_distinct))
 
             def search(rows):
@@ -577,13 +578,13 @@ class CodebookIndex:
             block = working_memory_rows(_LINE_ROW_BYTES, n_rows, threads)
             search = self._line_block
         elif self._uses_tree():
+            threads = 1  # one task: the tree has its own workers
             block = working_memory_rows(8 * X.shape[1] + 64, n_rows)
-            tree_threads = n_threads(n_jobs)  # the tree's own workers
+            tree_threads = n_threads(n_jobs)
 
             def search(rows):
                 return self._kd_block(rows, tree_threads)
 
-            min_task_rows = n_rows  # one task
         else:
             prep = self._prep(self._working_dtype(X.dtype))
             row_bytes = prep.dtype.itemsize * (n_distinct + X.shape[1] + 1)
@@ -607,13 +608,7 @@ class CodebookIndex:
                 if sq_dist is not None:
                     sq_dist[lo:hi] = self._sq_dist_block(X[lo:hi], codes, labels[lo:hi])
 
-        run_tasks(
-            work,
-            n_rows,
-            block,
-            task_threads(n_jobs, n_rows, min_task_rows),
-            min_task_rows,
-        )
+        run_tasks(work, n_rows, block, threads, min_task_rows)
         if return_second:
             return labels, sq_dist, second
         return labels, sq_dist
