@@ -155,7 +155,10 @@ def _sparse_two_means(Y, v):
         b_sum = Y.T @ in_b
         b = b_sum / w_b
         a = (weighted_sum - b_sum) / (total - w_b)
+        was_b = near_b
         near_b = Y @ (b - a) > 0.5 * (b @ b - a @ a)
+        if np.array_equal(near_b, was_b):
+            break  # a fixed point, as in _two_means
     return a, b, float(w_b / total)
 
 
