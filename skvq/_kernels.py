@@ -408,7 +408,10 @@ def ema_update(counts, sums, codebook, batch_counts, batch_sums, momentum):
     ``n_k <- m n_k + (1 - m) batch_counts_k``,
     ``s_k <- m s_k + (1 - m) batch_sums_k`` and ``c_k <- s_k / n_k`` for every
     code that received weight (the per-code distortion follows the same rule,
-    see :func:`ema_average`).  A code that received none keeps its vector
+    see :func:`ema_average`).  The new sums and code book are stored in the
+    memory layout of ``batch_sums`` (:func:`memory_order`; sparse rows sum
+    up column by column), so that consecutive steps run contiguous passes.
+    A code that received none keeps its vector
     exactly (in exact arithmetic ``s_k / n_k`` does not change); its sum is
     re-expressed as ``c_k n_k`` so that rounding cannot make ``s_k / n_k``
     drift from ``c_k`` over a long wait, and its count is kept above
@@ -421,8 +424,18 @@ def ema_update(counts, sums, codebook, batch_counts, batch_sums, momentum):
         new_codebook = (new_sums / new_counts[:, None]).astype(
             codebook.dtype, copy=False
         )
+    elif 2 * np.count_nonzero(won) > won.shape[0]:
+        # Most codes won: one pass, then the others' vectors put back (row
+        # gathers of a code book stored column by column are slow; the
+        # others' counts may be 0 at momentum 0).
+        with np.errstate(divide="ignore", invalid="ignore"):
+            new_codebook = (new_sums / new_counts[:, None]).astype(
+                codebook.dtype, copy=False
+            )
+        lost = np.flatnonzero(~won)
+        new_codebook[lost] = codebook[lost]
     else:
-        new_codebook = codebook.copy()
+        new_codebook = np.array(codebook, order=memory_order(new_sums))
         rows = np.flatnonzero(won)  # gathers: few rows win in a small batch
         new_codebook[rows] = new_sums[rows] / new_counts[rows, None]
     kept = np.flatnonzero(~won | (new_counts < COUNT_FLOOR))
@@ -436,19 +449,31 @@ def ema_update(counts, sums, codebook, batch_counts, batch_sums, momentum):
 _REUSE_ELEMENTS = 2**16
 
 
+def memory_order(array):
+    """``"F"`` for an array stored column by column (and not also row by
+    row), else ``"C"``."""
+    flags = array.flags
+    return "F" if flags.f_contiguous and not flags.c_contiguous else "C"
+
+
 def ema_average(value, batch_value, momentum):
-    """``m * value + (1 - m) * batch_value``, a new array."""
+    """``m * value + (1 - m) * batch_value``, a new array (for large arrays,
+    in the memory layout of ``batch_value``)."""
     if momentum == 0.0:  # the same numbers: 0 * value adds (signed) zeros
         return np.array(batch_value, dtype=np.result_type(batch_value, 1.0))
-    new = np.multiply(value, momentum)
-    if value.size >= _REUSE_ELEMENTS:
-        # Through a reused buffer: a fresh temporary of a large code book
-        # page-faults on every step.
-        share = scratch("ema-share", value.shape, np.result_type(batch_value, 1.0))
-        np.multiply(batch_value, 1.0 - momentum, out=share)
-        new += share
-    else:
+    if value.size < _REUSE_ELEMENTS:
+        new = np.multiply(value, momentum)
         new += (1.0 - momentum) * batch_value
+        return new
+    # Through a reused buffer: a fresh temporary of a large code book
+    # page-faults on every step.
+    order = memory_order(batch_value)
+    new = np.multiply(value, momentum, order=order)
+    shape = value.shape if order == "C" else value.shape[::-1]
+    share = scratch("ema-share", shape, np.result_type(batch_value, 1.0))
+    share = share if order == "C" else share.T
+    np.multiply(batch_value, 1.0 - momentum, out=share)
+    new += share
     return new
 
 

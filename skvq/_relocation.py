@@ -368,7 +368,8 @@ def apply_relocations(state, moves):
     state : tuple of ndarray
         New arrays; the inputs are untouched.
     """
-    codebook, counts, sums, distortions = (a.copy() for a in state)
+    # Copies in the arrays' own layout (a sparse stream's are transposed).
+    codebook, counts, sums, distortions = (a.copy(order="K") for a in state)
     for move in moves:
         i, partner, p = move.code, move.into, move.split
         diff = codebook[i].astype(np.float64) - codebook[partner]

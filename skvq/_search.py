@@ -133,21 +133,50 @@ def _distinct_code_ids(codebook):
     return np.sort(first)
 
 
-# Code books of at least this many values find their extremes column by
-# column (no temporary as large as the code book); smaller ones in two calls.
+# Code books of at least this many values find their extremes without a
+# temporary as large as the code book; smaller ones in two calls.
 _COLUMN_EXTREMES_ELEMENTS = 2**16
 
 
-def _extremes(codes, center):
-    """The largest ``|code|`` and ``|code - center|`` entries (the same
-    roundings either way: ``max(c) - center`` is the largest ``c - center``)."""
+def _largest_magnitude(codes):
+    """The largest ``|code|`` entry."""
     if codes.size < _COLUMN_EXTREMES_ELEMENTS:
-        largest = float(np.abs(codes).max(initial=0.0))
-        return largest, float(np.abs(codes - center).max(initial=0.0))
-    highest, lowest = codes.max(axis=0), codes.min(axis=0)
-    largest = float(max(highest.max(), -lowest.min()))
-    spread = float(max((highest - center).max(), (center - lowest).max()))
-    return largest, spread
+        return float(np.abs(codes).max(initial=0.0))
+    return float(max(codes.max(), -codes.min()))
+
+
+def _spread(codes, center):
+    """The largest ``|code - center|`` entry (the same roundings either way:
+    ``max(c) - center`` is the largest ``c - center``), or, when every code
+    is the same, the largest ``|center|`` entry (the scale of the code)."""
+    if codes.size < _COLUMN_EXTREMES_ELEMENTS:
+        spread = float(np.abs(codes - center).max(initial=0.0))
+    else:
+        highest, lowest = codes.max(axis=0), codes.min(axis=0)
+        spread = float(max((highest - center).max(), (center - lowest).max()))
+    if not spread > 0:
+        spread = float(np.abs(center).max(initial=0.0))
+    return spread
+
+
+# The spread test below keeps a factor of 2 from the edges of the narrowest
+# safe window, so that its bounds need no rounding analysis.
+_WINDOW_EXPONENT = min(_SAFE_EXPONENT.values()) - 1
+
+
+def _spread_in_window(codes, largest):
+    """Whether the spread of the codes (:func:`_spread`) surely lies inside
+    every dtype's safe window, so that every scale is 1.0, from two cheap
+    bounds: the spread is at most ``2 * largest`` (``largest``: a bound on
+    every ``|entry|``) and at least half the largest difference of the
+    first two codes (each is within the spread of the centre).  False when
+    the bounds cannot tell: then the spread is computed."""
+    bound = 2.0**_WINDOW_EXPONENT
+    if codes.shape[0] < 2 or not 0 < 2.0 * largest <= bound:
+        return False
+    # No overflow: every entry is at most ``largest``.
+    lowest = float(np.abs(codes[0] - codes[1]).max()) / 2
+    return 1.0 / bound <= lowest
 
 
 def kd_tree_pays_off(n_features, n_codes):
@@ -338,34 +367,14 @@ def sq_dist_to_codes(X, codes, labels, n_jobs=None, scale=1.0):
     return out
 
 
-class _BrutePrep:
-    """Centred (and rescaled) codes for one working dtype, laid out for one
-    BLAS product.
+class _ProductBounds:
+    """Rigorous rounding bounds of the scores ``||e||^2 - 2 x.e`` that a
+    product of ``n_features`` terms in ``dtype`` computes, for codes of
+    squared norms ``e_sq`` (the layouts below share them)."""
 
-    ``product`` has shape ``(n_features + 1, n_codes)``: its first rows hold
-    ``-2 e`` and its last row ``||e||^2`` (codes centred and multiplied by
-    ``scale``), so that ``[(x - center) * scale, 1] @ product`` is
-    ``||e||^2 - 2 x.e`` in a single call.  Writing ``[x - center, 1]`` costs
-    no more than the copy that the ones column needs anyway, and it removes
-    the cancellation of the expansion far from the origin.
-    """
-
-    def __init__(self, codes64, dtype, scale, center):
+    def __init__(self, dtype, n_features, e_sq, scale):
         self.dtype = np.dtype(dtype)
         self.scale = scale
-        n_codes, n_features = codes64.shape
-        self.center = center.astype(self.dtype)
-        if scale == 1.0 and not self.center.any():
-            centred = codes64  # nothing to shift (sparse rows' layout)
-        else:
-            centred = codes64 - self.center
-            if scale != 1.0:
-                centred *= scale
-        e_sq = np.einsum("ij,ij->i", centred, centred)
-        # -2 * e is exact in floating point.
-        self.product = np.empty((n_features + 1, n_codes), dtype=self.dtype)
-        np.multiply(centred.T, -2.0, out=self.product[:n_features], casting="same_kind")
-        self.product[n_features] = e_sq
         self.e_max = float(np.sqrt(e_sq.max(initial=0.0)))
         info = np.finfo(self.dtype)
         # Rigorous bound factor on the error of one entry of ||e||^2 - 2 x.e,
@@ -378,6 +387,49 @@ class _BrutePrep:
         # Rows whose shifted squared norm exceeds this could overflow the
         # product or the margin: they go to the exact check instead.
         self.limit = float(info.max) / 16
+
+    def margin_of(self, x_sq):
+        """Per row, from ``||x - center||^2`` (rescaled): a bound on the
+        rounding error of a difference of two scores."""
+        margin = np.sqrt(x_sq)
+        margin += self.e_max
+        margin *= margin
+        margin *= 2.0 * self.kappa
+        margin += self.absolute
+        return margin
+
+    def far_rows(self, x_sq):
+        """Rows whose shifted squared norm exceeds ``limit`` or overflowed: their
+        scores may have overflowed too (the rows are independent, so no other
+        row's scores did).  None when there are none."""
+        far = ~(x_sq <= self.limit)
+        return far if far.any() else None
+
+
+class _BrutePrep(_ProductBounds):
+    """Centred (and rescaled) codes for one working dtype, laid out for one
+    BLAS product.
+
+    ``product`` has shape ``(n_features + 1, n_codes)``: its first rows hold
+    ``-2 e`` and its last row ``||e||^2`` (codes centred and multiplied by
+    ``scale``), so that ``[(x - center) * scale, 1] @ product`` is
+    ``||e||^2 - 2 x.e`` in a single call.  Writing ``[x - center, 1]`` costs
+    no more than the copy that the ones column needs anyway, and it removes
+    the cancellation of the expansion far from the origin.
+    """
+
+    def __init__(self, codes64, dtype, scale, center):
+        n_codes, n_features = codes64.shape
+        self.center = center.astype(dtype)
+        centred = codes64 - self.center
+        if scale != 1.0:
+            centred *= scale
+        e_sq = np.einsum("ij,ij->i", centred, centred)
+        super().__init__(dtype, n_features, e_sq, scale)
+        # -2 * e is exact in floating point.
+        self.product = np.empty((n_features + 1, n_codes), dtype=self.dtype)
+        np.multiply(centred.T, -2.0, out=self.product[:n_features], casting="same_kind")
+        self.product[n_features] = e_sq
 
     def scores(self, X, *, reuse=True):
         """``(||e||^2 - 2 (x - center).e, x - center)``, rescaled, for a block
@@ -407,21 +459,30 @@ class _BrutePrep:
         x_sq = np.einsum("ij,ij->i", centred, centred)
         return self.margin_of(x_sq), x_sq
 
-    def margin_of(self, x_sq):
-        """:meth:`margin` from the rows' ``||x - center||^2`` (rescaled)."""
-        margin = np.sqrt(x_sq)
-        margin += self.e_max
-        margin *= margin
-        margin *= 2.0 * self.kappa
-        margin += self.absolute
-        return margin
 
-    def far_rows(self, x_sq):
-        """Rows whose shifted squared norm exceeds ``limit`` or overflowed: their
-        scores may have overflowed too (the rows are independent, so no other
-        row's scores did).  None when there are none."""
-        far = ~(x_sq <= self.limit)
-        return far if far.any() else None
+class _SparsePrep(_ProductBounds):
+    """The codes laid out for sparse rows: float64, not centred (centring
+    would fill the rows), rescaled by ``scale``.
+
+    ``codes_t`` is the transposed code book, ``(n_features, n_codes)`` and
+    C-contiguous as SciPy's sparse-times-dense product wants it: a view,
+    without a copy, of a code book stored column by column (Fortran order,
+    as sparse streams keep theirs, see :mod:`skvq._state`), a copy of any
+    other.  ``code_sq`` holds ``||e||^2``; :func:`skvq._sparse.scores`
+    forms ``||e||^2 - 2 x.e`` from the product ``x.e`` (times -2, exact).
+    ``code_sq``: the codes' ``||e||^2`` before rescaling (recomputed when
+    ``scale`` is not 1).
+    """
+
+    def __init__(self, codes64, scale, code_sq):
+        n_codes, n_features = codes64.shape
+        codes = codes64
+        if scale != 1.0:
+            codes = codes64 * scale
+            code_sq = np.einsum("ij,ij->i", codes, codes)
+        self.code_sq = code_sq
+        super().__init__(np.float64, n_features, self.code_sq, scale)
+        self.codes_t = np.ascontiguousarray(codes.T)
 
 
 class KNearest(NamedTuple):
@@ -459,11 +520,14 @@ class CodebookIndex:
         # Shared with the code book when it is float64 without duplicates
         # (nothing here writes to it).
         self.codes64 = distinct.astype(np.float64, copy=False)
-        n_distinct = max(1, self.codes64.shape[0])
-        self._center = center = np.einsum("ij->j", self.codes64) / n_distinct
-        self._codes_max, spread = _extremes(self.codes64, center)
-        if not spread > 0:  # one distinct code: the scale of the code itself
-            spread = float(np.abs(center).max(initial=0.0))
+        # max ||e|| bounds every |entry|: one pass that the sparse layout and
+        # squared distances share, instead of two for the extremes.
+        norm_bound = float(np.sqrt(self._code_sq.max(initial=0.0)))
+        if _spread_in_window(self.codes64, norm_bound):
+            # The common case, without the centre and the column extremes.
+            spread = 1.0
+        else:
+            spread = _spread(self.codes64, self._center)
         self.tree_scale = power_of_two_scale(
             spread, _SAFE_EXPONENT[np.dtype(np.float64)]
         )
@@ -476,10 +540,29 @@ class CodebookIndex:
             self.scale = self.tree_scale
         self._preps = {}
 
+    @cached_property
+    def _code_sq(self):
+        """``||e||^2`` of the distinct codes (float64, unscaled)."""
+        return np.einsum("ij,ij->i", self.codes64, self.codes64)
+
+    @cached_property
+    def _codes_max(self):
+        """The largest ``|entry|`` of the distinct codes."""
+        return _largest_magnitude(self.codes64)
+
+    @cached_property
+    def _center(self):
+        """The mean of the distinct codes (the dense search's common shift)."""
+        n_distinct = max(1, self.codes64.shape[0])
+        return np.einsum("ij->j", self.codes64) / n_distinct
+
     def __getstate__(self):
         # The k-d tree and the preparations are rebuilt where the index lands.
         state = self.__dict__.copy()
         for cached in (
+            "_code_sq",
+            "_codes_max",
+            "_center",
             "tree",
             "codebook64",
             "_line",
@@ -634,10 +717,16 @@ class CodebookIndex:
     @cached_property
     def _scaled_code_sq(self):
         """``||e * scale||^2`` of every code (float64)."""
-        codes = self.codebook64
-        if self.scale != 1.0:
-            codes = codes * self.scale
+        if self.scale == 1.0:
+            return self._every_code_sq()
+        codes = self.codebook64 * self.scale
         return np.einsum("ij,ij->i", codes, codes)
+
+    def _every_code_sq(self):
+        """``||e||^2`` of every code, duplicates included (float64, unscaled)."""
+        if self.ids is None:
+            return self._code_sq
+        return np.einsum("ij,ij->i", self.codebook64, self.codebook64)
 
     @cached_property
     def codebook64(self):
@@ -647,13 +736,11 @@ class CodebookIndex:
         return self.codebook.astype(np.float64, copy=False)
 
     def _sparse_layout(self):
-        """The product layout for sparse rows: float64, codes not centred
-        (centring would fill the rows).  Built for each search and not kept:
-        with many features it is as large as the code book, and every state
-        that a fit keeps would otherwise hold one."""
-        return _BrutePrep(
-            self.codes64, np.float64, self.scale, np.zeros(self.codes64.shape[1])
-        )
+        """The :class:`_SparsePrep` of the distinct codes.  Built for each
+        search and not kept: with many features its transposed codes may be
+        a copy as large as the code book, and every state that a fit keeps
+        would otherwise hold one."""
+        return _SparsePrep(self.codes64, self.scale, self._code_sq)
 
     def _codes_for(self, dtype):
         """The code book (times ``scale``) for squared distances of rows of
@@ -667,7 +754,7 @@ class CodebookIndex:
         """Nearest codes of a block, and lower bounds on the second distances."""
         with np.errstate(over="ignore", invalid="ignore", under="ignore"):
             if _sparse.is_sparse(X):  # codes not centred (prep's center is 0)
-                scores, x_sq = _sparse.scores(X, prep.product, prep.scale)
+                scores, x_sq = _sparse.scores(X, prep.codes_t, prep.code_sq, prep.scale)
                 margin = prep.margin_of(x_sq)
             else:
                 scores, centred = prep.scores(X)
@@ -936,8 +1023,12 @@ class CodebookIndex:
         n_rows, n_codes = X.shape[0], self.codebook.shape[0]
         out = np.empty((n_rows, n_codes), dtype=X.dtype)
         codes64 = self.codebook64
-        center = np.zeros(X.shape[1]) if _sparse.is_sparse(X) else codes64.mean(axis=0)
-        prep = _BrutePrep(codes64, np.float64, self.tree_scale, center)
+        if _sparse.is_sparse(X):
+            prep = _SparsePrep(codes64, self.tree_scale, self._every_code_sq())
+        else:
+            prep = _BrutePrep(
+                codes64, np.float64, self.tree_scale, codes64.mean(axis=0)
+            )
         threads = n_threads(n_jobs)
         block = working_memory_rows(24 * n_codes, n_rows, threads)
         block = min(block, max(16, _BLOCK_ELEMENTS // n_codes))
@@ -947,7 +1038,9 @@ class CodebookIndex:
                 hi = min(lo + block, stop)
                 with np.errstate(over="ignore", invalid="ignore"):
                     if _sparse.is_sparse(X):
-                        sq, x_sq = _sparse.scores(X[lo:hi], prep.product, prep.scale)
+                        sq, x_sq = _sparse.scores(
+                            X[lo:hi], prep.codes_t, prep.code_sq, prep.scale
+                        )
                     else:
                         sq, centred = prep.scores(X[lo:hi], reuse=False)
                         x_sq = np.einsum("ij,ij->i", centred, centred)

@@ -170,14 +170,20 @@ def running_row_sums(X, terms):
 
 
 # ----------------------------------------------------------------- search
-def scores(X, product, scale):
-    """``||e||^2 - 2 x.e`` of every row and code (``product`` as laid out by
-    the dense search, codes not centred) and ``||x||^2``, for the rows
-    times ``scale``; float64."""
+def scores(X, codes_t, code_sq, scale):
+    """``||e||^2 - 2 x.e`` of every row and code and ``||x||^2``, for the
+    rows times ``scale``; float64.  ``codes_t``: the transposed codes
+    (C-contiguous, times ``scale``), ``code_sq`` their squared norms.
+
+    ``-2 (x.e)`` has the bits of ``x.(-2 e)``, the dense layout's product
+    (doubling is exact at every partial sum), except where terms fall into
+    the subnormal range: their rounding doubles too, one subnormal spacing
+    a term, which the bound's absolute term covers.
+    """
     X = scaled(X.astype(np.float64, copy=False), scale)
-    n_features = X.shape[1]
-    out = np.asarray(X @ product[:n_features])
-    out += product[n_features]
+    out = np.asarray(X @ codes_t)
+    out *= -2.0
+    out += code_sq
     return out, row_sq_norms(X)
 
 
@@ -245,7 +251,11 @@ def sq_dist_to(X, codes64, labels, scale=1.0, code_sq=None):
 
 # ------------------------------------------------------------- statistics
 def code_sums(X, labels, sample_weight, n_codes):
-    """``sum of w_i x_i`` over the rows of each code (float64, dense)."""
+    """``sum of w_i x_i`` over the rows of each code (float64, dense), stored
+    column by column (Fortran order): an EMA step keeps the layout of the
+    sums it adds (:func:`skvq._kernels.ema_update`), so a sparse stream's
+    code book stays transposed the way its sparse product reads it
+    (:class:`skvq._search.CodebookIndex`), without a copy a step."""
     # The stored values scattered onto (code, column) in row order, chunk by
     # chunk: the same sums as one pass, with bounded temporaries.  The first
     # chunk by np.bincount, which also allocates the sums; the next ones by
@@ -255,19 +265,19 @@ def code_sums(X, labels, sample_weight, n_codes):
     n_features = X.shape[1]
     chunks = row_chunks(X.shape[0])
     if not chunks:
-        return np.zeros((n_codes, n_features))
+        return np.zeros((n_codes, n_features), order="F")
 
     def scattered(lo, hi):
         part = row_range(X, lo, hi)
         ids = row_ids(part)
-        cells = labels[lo:hi][ids] * n_features + part.indices
+        cells = part.indices * n_codes + labels[lo:hi][ids]
         return cells, sample_weight[lo:hi][ids] * part.data
 
     cells, values = scattered(*chunks[0])
     sums = np.bincount(cells, weights=values, minlength=n_codes * n_features)
     for lo, hi in chunks[1:]:
         np.add.at(sums, *scattered(lo, hi))
-    return sums.reshape(n_codes, n_features)
+    return sums.reshape(n_features, n_codes).T
 
 
 def moments(X, sample_weight):

@@ -233,8 +233,9 @@ class CodebookState:
         """The state with ``codes`` moved to ``vectors``, restarting as
         average codes (count ``restart_count``, sum count times vector,
         distortion 0); ``dead`` records the step's dead codes."""
-        new_codes, counts = self.codes.copy(), self.counts.copy()
-        sums, distortions = self.sums.copy(), self.distortions.copy()
+        # Copies in the arrays' own layout (see ema_update).
+        new_codes, counts = self.codes.copy(order="K"), self.counts.copy()
+        sums, distortions = self.sums.copy(order="K"), self.distortions.copy()
         new_codes[codes] = vectors
         counts[codes] = restart_count
         sums[codes] = restart_count * new_codes[codes].astype(np.float64)

@@ -14,6 +14,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import MinMaxScaler
 
 from skvq import VQCodebookTransformer
+from skvq._kernels import ema_update
 
 
 def reference_assign(X, codebook):
@@ -84,6 +85,30 @@ def test_partial_fit_follows_ema_rule_step_by_step(dtype, momentum, weighted):
         assert_array_equal(vq.codebook_, ratio.astype(dtype))
     else:
         assert_allclose(vq.codebook_, ratio, rtol=2 * np.finfo(np.float64).eps)
+
+
+@pytest.mark.parametrize("n_won", [1, 3])  # a minority, a majority of 4 codes
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_ema_step_keeps_idle_codes_and_the_layout_of_the_batch_sums(n_won, order):
+    # Large enough (80,000 values) for the step that keeps the sums' layout.
+    rng = np.random.RandomState(0)
+    codebook = rng.normal(size=(4, 20_000))
+    counts = rng.uniform(1, 2, size=4)
+    sums = counts[:, None] * codebook
+    batch_counts = np.zeros(4)
+    batch_counts[:n_won] = rng.uniform(1, 3, size=n_won)
+    batch_sums = np.zeros((4, 20_000), order=order)
+    batch_sums[:n_won] = rng.normal(size=(n_won, 20_000))
+    new_counts, new_sums, new_codes = ema_update(
+        counts, sums, codebook, batch_counts, batch_sums, 0.9
+    )
+    expected = (0.9 * sums + 0.1 * batch_sums) / (0.9 * counts + 0.1 * batch_counts)[
+        :, None
+    ]
+    assert_allclose(new_codes[:n_won], expected[:n_won], rtol=1e-13, atol=1e-15)
+    assert_array_equal(new_codes[n_won:], codebook[n_won:])
+    layout = "F_CONTIGUOUS" if order == "F" else "C_CONTIGUOUS"
+    assert new_codes.flags[layout] and new_sums.flags[layout]
 
 
 def test_unused_code_keeps_its_vector_at_momentum_zero():

@@ -297,3 +297,41 @@ def test_identical_codes_far_from_unit_scale_get_a_search_scale(n_codes):
         CodebookIndex(codes, "brute").scale == CodebookIndex(codes * 1.5, "brute").scale
     )
     assert CodebookIndex(codes, "brute").scale != 1.0
+
+
+def window_scale(spread, exponent):
+    """1 inside [2**-exponent, 2**exponent], else the power of two that
+    brings ``spread`` into [0.5, 1)."""
+    if 2.0**-exponent <= spread <= 2.0**exponent:
+        return 1.0
+    return 2.0 ** -int(np.frexp(spread)[1])
+
+
+# Binary exponents of code spreads near the edges of every safe window (and
+# far beyond), within each dtype's range.
+WINDOW_EDGES = [-42, -40, -38, 0, 38, 40, 42]
+SPREAD_EXPONENTS = [(np.float32, e) for e in [-110, *WINDOW_EDGES, 100]] + [
+    (np.float64, e) for e in [-1000, -401, -399, -300, *WINDOW_EDGES, 300, 398, 400]
+]
+
+
+@pytest.mark.parametrize("shift", [None, 12])
+@pytest.mark.parametrize("dtype, exponent", SPREAD_EXPONENTS)
+def test_search_scales_follow_the_spread_of_the_codes(dtype, exponent, shift):
+    # The index tells the common case from two cheap bounds; near every
+    # window's edge, and for codes far from the origin (a shift of 2**12
+    # spreads), its scales must still be those of the spread itself.
+    rng = np.random.RandomState(0)
+    codes = rng.uniform(-1.0, 1.0, size=(7, 5))
+    if shift is not None:
+        codes += 2.0**shift
+    codes = np.ldexp(codes, exponent).astype(dtype)
+    codes64 = codes.astype(np.float64)
+    spread = float(np.abs(codes64 - codes64.mean(axis=0)).max())
+    index = CodebookIndex(codes, "brute")
+    expected_tree = window_scale(spread, 400)
+    expected = window_scale(spread, 40 if dtype == np.float32 else 400)
+    if not 2.0**-126 <= expected <= 2.0**126:
+        expected = expected_tree  # float32 codes searched in float64
+    assert index.tree_scale == expected_tree
+    assert index.scale == expected

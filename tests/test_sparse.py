@@ -8,6 +8,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 from scipy import sparse
 
 from skvq import ProductVQTransformer, ResidualVQTransformer, VQCodebookTransformer
+from skvq._search import CodebookIndex
 
 FORMATS = ["csr_matrix", "csc_matrix", "coo_matrix", "csr_array", "lil_array"]
 
@@ -102,6 +103,19 @@ def test_a_stream_of_sparse_batches_matches_the_stream_of_dense_batches():
         on_dense.partial_fit(X[start : start + 200].toarray())
     assert_allclose(on_sparse.codebook_, on_dense.codebook_, atol=1e-10)
     assert_allclose(on_sparse.ema_counts_, on_dense.ema_counts_)
+
+
+def test_a_sparse_stream_keeps_its_code_book_as_its_product_reads_it():
+    # Sums of sparse rows come column by column and the EMA step keeps that
+    # layout, so the transposed codes of the sparse product are a view,
+    # not a copy of the code book a step (40 x 2,000 codes: a large book).
+    X = documents(n=3000, n_features=2000, density=0.01)
+    vq = VQCodebookTransformer(n_codes=40, random_state=0)
+    for start in range(0, 3000, 1000):
+        vq.partial_fit(X[start : start + 1000])
+    assert vq.codebook_.flags.f_contiguous
+    layout = CodebookIndex(vq.codebook_, "auto")._sparse_layout()
+    assert np.shares_memory(layout.codes_t, vq.codebook_)
 
 
 def test_sparse_fit_does_not_depend_on_the_threads():
