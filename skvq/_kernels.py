@@ -402,8 +402,20 @@ class LloydBounds:
         return np.flatnonzero(~(self.upper < self.lower))
 
 
-def ema_update(counts, sums, codebook, batch_counts, batch_sums, momentum):
-    """One EMA step of the code book; returns new arrays, inputs untouched.
+def ema_update(
+    counts,
+    sums,
+    codebook,
+    batch_counts,
+    batch_sums,
+    momentum,
+    *,
+    batch_is_temporary=False,
+):
+    """One EMA step of the code book; returns new arrays, inputs untouched
+    (but ``batch_sums`` when ``batch_is_temporary``: the caller's own
+    temporary, which a step at momentum 0 takes as its new sums rather than
+    copy it, a code-book-sized array less at the peak of a ``fit``).
 
     ``n_k <- m n_k + (1 - m) batch_counts_k``,
     ``s_k <- m s_k + (1 - m) batch_sums_k`` and ``c_k <- s_k / n_k`` for every
@@ -418,7 +430,10 @@ def ema_update(counts, sums, codebook, batch_counts, batch_sums, momentum):
     ``COUNT_FLOOR`` so that it never underflows to 0.
     """
     new_counts = ema_average(counts, batch_counts, momentum)
-    new_sums = ema_average(sums, batch_sums, momentum)
+    if momentum == 0.0 and batch_is_temporary and batch_sums.dtype == np.float64:
+        new_sums = batch_sums  # what ema_average would copy
+    else:
+        new_sums = ema_average(sums, batch_sums, momentum)
     won = batch_counts > 0
     if won.all():  # one pass (a large batch reaches every code)
         new_codebook = (new_sums / new_counts[:, None]).astype(

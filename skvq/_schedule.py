@@ -90,6 +90,9 @@ def drive(source, schedules):
         answers = source.serve([pending[i] for i in ids])
         for i, answer in zip(ids, answers, strict=True):
             _advance(schedules[i], answer, i, pending, results)
+        # Answers can be as large as a code book (a step's sums): none stays
+        # alive while the next round is served.
+        del answers, answer
     return results
 
 
@@ -429,7 +432,11 @@ class FitSchedule:
                 tol,
             )
             if stage == relocation_stage and last is not None and last.converged:
-                state = yield from self.relocation_rounds(state, stage, last)
+                rounds = self.relocation_rounds(state, stage, last)
+                # The rounds hold what they need of these (with many features,
+                # each code book is large): this frame keeps no older one.
+                del state, last
+                state = yield from rounds
         return FitOutcome(state, self.n_iter)
 
     def full_step(self, state, stage):
@@ -457,9 +464,11 @@ class FitSchedule:
             start = state
             stats, state = yield from self.full_step(state, stage)
             self.n_iter += 1
-            loss = stats.mean_loss
-            moved = (state.codes - start.codes).astype(np.float64)
-            shift = float(np.sum(moved * moved))
+            # The step's sums (as large as the code book) are not kept.
+            loss, counts, distortions = stats.mean_loss, stats.counts, stats.distortions
+            del stats
+            moved = (state.codes - start.codes).astype(np.float64, copy=False)
+            shift = float(np.sum(np.square(moved, out=moved)))
             if config.verbose:
                 print(
                     f"Step {self.n_iter} ({label}): distortion "
@@ -472,9 +481,7 @@ class FitSchedule:
             )
             if converged and tol is None and config.verbose:
                 print(f"Converged after step {self.n_iter}: {stopper.reason}.")
-            last = Converged(
-                stats.counts, stats.distortions, start.searched_by(), loss, converged
-            )
+            last = Converged(counts, distortions, start.searched_by(), loss, converged)
             if converged or n_steps == limit:
                 break
         return state, last
@@ -500,6 +507,7 @@ class FitSchedule:
         max_moves = max(1, config.n_codes // FIT_MOVES_DIVISOR)
         counts, distortions = last.counts, last.distortions
         assigned_by, best = last.assigned_by, last.loss
+        del last  # its search index holds a code book that rounds may replace
         movable = np.ones(config.n_codes, dtype=bool)
         splittable = np.ones(config.n_codes, dtype=bool)
         n_undone = 0

@@ -24,7 +24,10 @@ values (:func:`~skvq._rows.stage_priority`): the first stage holds the rows
 of priority below ``n_1 / n``, the next those below ``n_2 / n``, and so on.
 The stages are therefore the same sets of rows on every backend and for any
 chunking (and at any power-of-two scale of the data); each block keeps its
-rows sorted by stage, so that a stage is a prefix of every block.
+rows sorted by stage, so that a stage is a prefix of every block.  Sparse
+rows in memory are not copied sorted: their block gathers the rows of the
+stage in use (in their original order) and trains the last stage on the
+rows as given (see :class:`RowBlock`).
 """
 
 from dataclasses import dataclass, field, replace
@@ -75,10 +78,17 @@ def sorted_by_stage(X, sample_weight, bounds, exponent):
     """
     if len(bounds) == 1:
         return X, sample_weight, (X.shape[0],)
+    order, stage_rows = stage_order(X, bounds, exponent)
+    return X[order], sample_weight[order], stage_rows
+
+
+def stage_order(X, bounds, exponent):
+    """The rows in stage order (a stable sort of their stages), and the rows
+    of each stage (see :func:`sorted_by_stage`)."""
     stage = np.searchsorted(bounds, stage_priority(X, exponent), side="right")
     order = np.argsort(stage, kind="stable")
     counts = np.bincount(stage, minlength=len(bounds))
-    return X[order], sample_weight[order], tuple(int(c) for c in np.cumsum(counts))
+    return order, tuple(int(c) for c in np.cumsum(counts))
 
 
 def data_exponent(max_abs_value):
@@ -120,14 +130,31 @@ class RowBlock:
     ``columns`` maps a key to the features it sees (``(start, stop)``); a
     key without an entry sees every feature, unless a view was set for it
     (the residual targets of a stage).
+
+    Stage ``s`` is made of ``stage_rows[s]`` rows: the first ones when the
+    rows are sorted by stage; with a ``stage_order`` (the rows in stage
+    order, :func:`stage_order`), the rows it names first, gathered in
+    their original order when the stage is first asked for and kept until
+    another stage is (the last stage is the rows as given).  The second
+    form spares a copy of the rows for sparse input to ``fit``.
     """
 
-    def __init__(self, X, weights, columns=None, *, stage_rows=None, holds_all=False):
+    def __init__(
+        self,
+        X,
+        weights,
+        columns=None,
+        *,
+        stage_rows=None,
+        holds_all=False,
+        stage_order=None,
+    ):
         self.X = X
         self.weights = weights
         self.columns = columns or {}
-        # Rows of each stage (prefixes: the rows are sorted by stage).
         self.stage_rows = stage_rows or (X.shape[0],)
+        self.stage_order = stage_order
+        self._gathered = {}  # key -> (rows, rows of the stage, their weights)
         # Whether this block holds every row of its source: per-cell filters
         # on row counts are then exact.
         self.holds_all = holds_all
@@ -155,9 +182,26 @@ class RowBlock:
         return found
 
     def rows_of(self, key, rows):
-        """The first ``rows`` rows of :meth:`view` (a view of the arrays,
-        also for sparse rows)."""
-        return head(self.view(key), rows)
+        """The rows of :meth:`view` in the stage of ``rows`` rows (the
+        first ones, a view of the arrays, also for sparse rows; or gathered,
+        see the class docstring)."""
+        return self._stage_rows_of(key, rows)[0]
+
+    def weights_of(self, key, rows):
+        """The weights of :meth:`rows_of`."""
+        return self._stage_rows_of(key, rows)[1]
+
+    def _stage_rows_of(self, key, rows):
+        if self.stage_order is None or rows == self.n_rows:
+            self._gathered.pop(key, None)
+            return head(self.view(key), rows), self.weights[:rows]
+        gathered = self._gathered.get(key)
+        if gathered is None or gathered[0] != rows:
+            self._gathered.pop(key, None)  # before the next copy is made
+            chosen = np.sort(self.stage_order[:rows])
+            gathered = (rows, self.view(key)[chosen], self.weights[chosen])
+            self._gathered[key] = gathered
+        return gathered[1:]
 
     def set_view(self, key, values):
         """Make ``key`` train on ``values`` (one row per row of the block)."""
@@ -283,7 +327,7 @@ class Statistics(_StateRequest):
         )
 
     def on_block(self, block, rows, indexes, n_jobs):
-        X, weights = block.rows_of(self.key, rows), block.weights[:rows]
+        X, weights = block.rows_of(self.key, rows), block.weights_of(self.key, rows)
         memory = block.memory(self.key, rows)
         bounds = None
         if self.bounds:
@@ -322,7 +366,7 @@ class CellRows(_StateRequest):
         labels, _ = block.assignment(
             self.key, rows, indexes[self.version], self.version, n_jobs
         )
-        X, weights = block.rows_of(self.key, rows), block.weights[:rows]
+        X, weights = block.rows_of(self.key, rows), block.weights_of(self.key, rows)
         return cell_members(X, weights, labels, self.cells)
 
     def merge(self, parts):
@@ -345,7 +389,7 @@ class ReseedPool(_StateRequest):
         _, sq_dist = block.assignment(
             self.key, rows, indexes[self.version], self.version, n_jobs
         )
-        X, weights = block.rows_of(self.key, rows), block.weights[:rows]
+        X, weights = block.rows_of(self.key, rows), block.weights_of(self.key, rows)
         return canonical_sample(X, weights, sq_dist, self.max_rows)
 
     def merge(self, parts):
@@ -359,7 +403,7 @@ class InitSample(Request):
     max_rows: int | None = None
 
     def on_block(self, block, rows, indexes, n_jobs):
-        X, weights = block.rows_of(self.key, rows), block.weights[:rows]
+        X, weights = block.rows_of(self.key, rows), block.weights_of(self.key, rows)
         return canonical_sample(X, weights, max_rows=self.max_rows)
 
     def merge(self, parts):
@@ -371,7 +415,9 @@ class Variance(Request):
     """The weighted feature moments of the rows (for ``tol``)."""
 
     def on_block(self, block, rows, indexes, n_jobs):
-        return Moments.of(block.rows_of(self.key, rows), block.weights[:rows])
+        return Moments.of(
+            block.rows_of(self.key, rows), block.weights_of(self.key, rows)
+        )
 
     def merge(self, parts):
         return sum_parts(parts)
@@ -426,24 +472,35 @@ def in_memory_source(
     """An :class:`InMemorySource` over validated ``X`` (its rows are always
     kept: ``keep_rows`` is for the Dask sources).
 
-    For a ``fit``, the rows are copied sorted by stage (see the
-    module docstring); otherwise one stage holds the rows as they are (a
-    stream's batch).  ``unit`` defaults to the one that the magnitude of
-    ``X`` calls for; data are divided by it (a copy, only when it is not 1).
+    For a ``fit``, dense rows are copied sorted by stage and sparse rows
+    get a stage order (see the module docstring); otherwise one stage holds
+    the rows as they are (a stream's batch).  ``unit`` defaults to the one
+    that the magnitude of ``X`` calls for; data are divided by it (a copy,
+    only when it is not 1).
     """
     n_rows = X.shape[0]
     largest = max_abs(X) if unit is None or fit else 0.0
     if unit is None:
         unit = unit_for(largest, X.dtype)
-    stage_rows = (n_rows,)
+    stage_rows, order = (n_rows,), None
     if fit:
         bounds = stage_thresholds(n_rows, batch_size, n_codes)
-        X, sample_weight, stage_rows = sorted_by_stage(
-            X, sample_weight, bounds, data_exponent(largest)
-        )
+        if is_sparse(X) and len(bounds) > 1:  # no sorted copy (see RowBlock)
+            order, stage_rows = stage_order(X, bounds, data_exponent(largest))
+        else:
+            X, sample_weight, stage_rows = sorted_by_stage(
+                X, sample_weight, bounds, data_exponent(largest)
+            )
     X = to_internal(X, unit)
     plan = StagePlan(stage_rows, min(batch_size, n_rows))
-    block = RowBlock(X, sample_weight, columns, stage_rows=stage_rows, holds_all=True)
+    block = RowBlock(
+        X,
+        sample_weight,
+        columns,
+        stage_rows=stage_rows,
+        holds_all=True,
+        stage_order=order,
+    )
     return InMemorySource(block, plan, unit, n_jobs)
 
 

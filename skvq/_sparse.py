@@ -37,6 +37,9 @@ _DENSE_ELEMENTS = 2**22
 # Rows of a chunk of the passes over stored entries: their temporaries (a
 # few arrays of one number per entry) stay bounded whatever the data.
 CHUNK_ROWS = 2**14
+# Stored values of a chunk of the per-code sums, about (their scatter makes
+# a few temporaries of one number per value).
+SUMS_CHUNK_VALUES = 2**18
 
 
 def is_sparse(X):
@@ -65,26 +68,34 @@ def head(X, rows):
     if not is_sparse(X):
         return X[:rows]
     end = X.indptr[rows]
-    return type(X)(
-        (X.data[:end], X.indices[:end], X.indptr[: rows + 1]),
-        shape=(rows, X.shape[1]),
-        copy=False,
-    )
+    return _csr_view(X, X.data[:end], X.indices[:end], X.indptr[: rows + 1])
 
 
 def row_range(X, start, stop):
     """Rows ``start:stop`` of CSR ``X``, a view of its value arrays."""
     lo, hi = X.indptr[start], X.indptr[stop]
-    return type(X)(
-        (X.data[lo:hi], X.indices[lo:hi], X.indptr[start : stop + 1] - lo),
-        shape=(stop - start, X.shape[1]),
-        copy=False,
+    return _csr_view(
+        X, X.data[lo:hi], X.indices[lo:hi], X.indptr[start : stop + 1] - lo
     )
 
 
-def row_chunks(n_rows):
-    """``(start, stop)`` of consecutive chunks of ``CHUNK_ROWS`` rows."""
-    return [(lo, min(lo + CHUNK_ROWS, n_rows)) for lo in range(0, n_rows, CHUNK_ROWS)]
+def _csr_view(X, data, indices, indptr):
+    """A CSR matrix of ``X``'s type on the given parts of its arrays.
+
+    Its arrays are set on an empty matrix of the right shape: given to the
+    constructor, slices of less than half their array are copied (SciPy
+    prunes views of much larger arrays), which for the rows of an early
+    stage of ``fit`` meant a copy of them at every step.  The rows of
+    canonical ``X`` are canonical.
+    """
+    view = type(X)((indptr.shape[0] - 1, X.shape[1]), dtype=X.dtype)
+    view.data, view.indices, view.indptr = data, indices, indptr
+    return view
+
+
+def row_chunks(n_rows, chunk_rows=CHUNK_ROWS):
+    """``(start, stop)`` of consecutive chunks of ``chunk_rows`` rows."""
+    return [(lo, min(lo + chunk_rows, n_rows)) for lo in range(0, n_rows, chunk_rows)]
 
 
 def by_chunks(func, X, *per_row):
@@ -263,14 +274,19 @@ def code_sums(X, labels, sample_weight, n_codes):
     # 7.4 ms, where a bincount per chunk also adds a pass over the sums, and
     # the sparse product with the assignment takes 13.8 ms).
     n_features = X.shape[1]
-    chunks = row_chunks(X.shape[0])
+    # Chunks of about SUMS_CHUNK_VALUES stored values: their temporaries
+    # (five or six numbers per value) stay small beside the sums.
+    per_row = X.nnz / max(1, X.shape[0])
+    chunk_rows = int(min(CHUNK_ROWS, max(1, SUMS_CHUNK_VALUES // max(1.0, per_row))))
+    chunks = row_chunks(X.shape[0], chunk_rows)
     if not chunks:
         return np.zeros((n_codes, n_features), order="F")
 
     def scattered(lo, hi):
         part = row_range(X, lo, hi)
         ids = row_ids(part)
-        cells = part.indices * n_codes + labels[lo:hi][ids]
+        cells = np.multiply(part.indices, n_codes, dtype=np.intp)
+        cells += labels[lo:hi][ids]
         return cells, sample_weight[lo:hi][ids] * part.data
 
     cells, values = scattered(*chunks[0])

@@ -209,14 +209,21 @@ class CodebookState:
         """
         counts, sums = stats.counts, stats.sums
         distortions = stats.distortions
-        if scale is not None and scale != 1.0:
+        scaled = scale is not None and scale != 1.0
+        if scaled:
             counts, sums, distortions = (
                 counts * scale,
                 sums * scale,
                 distortions * scale,
             )
         new_counts, new_sums, new_codes = ema_update(
-            self.counts, self.sums, self.codes, counts, sums, momentum
+            self.counts,
+            self.sums,
+            self.codes,
+            counts,
+            sums,
+            momentum,
+            batch_is_temporary=scaled,  # the scaled sums are this step's own
         )
         return replace(
             self,

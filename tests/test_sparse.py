@@ -9,6 +9,8 @@ from scipy import sparse
 
 from skvq import ProductVQTransformer, ResidualVQTransformer, VQCodebookTransformer
 from skvq._search import CodebookIndex
+from skvq._sources import in_memory_source
+from skvq._sparse import head
 
 FORMATS = ["csr_matrix", "csc_matrix", "coo_matrix", "csr_array", "lil_array"]
 
@@ -116,6 +118,38 @@ def test_a_sparse_stream_keeps_its_code_book_as_its_product_reads_it():
     assert vq.codebook_.flags.f_contiguous
     layout = CodebookIndex(vq.codebook_, "auto")._sparse_layout()
     assert np.shares_memory(layout.codes_t, vq.codebook_)
+
+
+def test_a_sparse_fit_gathers_its_stages_and_trains_the_last_on_the_rows_given():
+    # No copy of the rows sorted by stage: a stage's rows are gathered (the
+    # dense fit's stage, rows in their original order), the last stage is
+    # the caller's matrix itself.
+    X = documents(n=3000)
+    weights = np.ones(3000)
+    kwargs = dict(n_jobs=1, batch_size=20, n_codes=6, fit=True)
+    on_sparse = in_memory_source(X, weights, **kwargs).block
+    on_dense = in_memory_source(X.toarray(), weights, **kwargs).block
+    stage_rows = on_sparse.stage_rows
+    assert len(stage_rows) > 2 and stage_rows == on_dense.stage_rows
+    assert on_sparse.rows_of(0, 3000) is X
+    # The first stage: the same rows in the same (original) order.
+    first = on_sparse.rows_of(0, stage_rows[0])
+    assert_array_equal(first.toarray(), on_dense.rows_of(0, stage_rows[0]))
+    # A later stage: the same rows, in original order rather than by stage.
+    second = on_sparse.rows_of(0, stage_rows[1]).toarray()
+    dense = on_dense.rows_of(0, stage_rows[1])
+    assert_array_equal(second[np.lexsort(second.T)], dense[np.lexsort(dense.T)])
+    assert not np.array_equal(second, dense)
+
+
+def test_the_first_rows_of_a_sparse_matrix_are_a_view():
+    # SciPy copies slices of less than half an array given to its
+    # constructor: a stage's rows would be copied at every step.
+    X = documents(n=1000)
+    first = head(X, 100)
+    assert np.shares_memory(first.data, X.data)
+    assert np.shares_memory(first.indices, X.indices)
+    assert_array_equal(first.toarray(), X[:100].toarray())
 
 
 def test_sparse_fit_does_not_depend_on_the_threads():
