@@ -430,7 +430,12 @@ def ema_update(
     ``COUNT_FLOOR`` so that it never underflows to 0.
     """
     new_counts = ema_average(counts, batch_counts, momentum)
-    if momentum == 0.0 and batch_is_temporary and batch_sums.dtype == np.float64:
+    if (
+        momentum == 0.0
+        and batch_is_temporary
+        and isinstance(batch_sums, np.ndarray)
+        and batch_sums.dtype == np.float64
+    ):
         new_sums = batch_sums  # what ema_average would copy
     else:
         new_sums = ema_average(sums, batch_sums, momentum)
@@ -476,6 +481,13 @@ def ema_average(value, batch_value, momentum):
     in the memory layout of ``batch_value``)."""
     if momentum == 0.0:  # the same numbers: 0 * value adds (signed) zeros
         return np.array(batch_value, dtype=np.result_type(batch_value, 1.0))
+    if isinstance(batch_value, _sparse.ScatteredSums):
+        # A few cells of a sparse batch: m * value, plus (1 - m) times the
+        # batch sums where they are not zero (the numbers of the dense
+        # formula, but where a negative zero of m * value keeps its sign).
+        new = np.multiply(value, momentum, order="F")
+        batch_value.add_scaled_to(new.reshape(-1, order="F"), 1.0 - momentum)
+        return new
     if value.size < _REUSE_ELEMENTS:
         new = np.multiply(value, momentum)
         new += (1.0 - momentum) * batch_value

@@ -29,6 +29,8 @@ counterpart:
 All inputs are assumed validated: CSR in canonical form, finite values.
 """
 
+import threading
+
 import numpy as np
 from scipy import sparse
 
@@ -91,6 +93,18 @@ def _csr_view(X, data, indices, indptr):
     view = type(X)((indptr.shape[0] - 1, X.shape[1]), dtype=X.dtype)
     view.data, view.indices, view.indptr = data, indices, indptr
     return view
+
+
+_ZEROED = threading.local()
+
+
+def _zeroed(name, size):
+    """A per-thread float64 buffer of zeros that its users leave zero."""
+    buffers = _ZEROED.__dict__.setdefault("buffers", {})
+    buffer = buffers.get(name)
+    if buffer is None or buffer.shape[0] < size:
+        buffer = buffers[name] = np.zeros(size)
+    return buffer
 
 
 def row_chunks(n_rows, chunk_rows=CHUNK_ROWS):
@@ -266,7 +280,8 @@ def code_sums(X, labels, sample_weight, n_codes):
     column by column (Fortran order): an EMA step keeps the layout of the
     sums it adds (:func:`skvq._kernels.ema_update`), so a sparse stream's
     code book stays transposed the way its sparse product reads it
-    (:class:`skvq._search.CodebookIndex`), without a copy a step."""
+    (:class:`skvq._search.CodebookIndex`), without a copy a step.  Rows of
+    few stored values give :class:`ScatteredSums` instead."""
     # The stored values scattered onto (code, column) in row order, chunk by
     # chunk: the same sums as one pass, with bounded temporaries.  The first
     # chunk by np.bincount, which also allocates the sums; the next ones by
@@ -274,6 +289,9 @@ def code_sums(X, labels, sample_weight, n_codes):
     # 7.4 ms, where a bincount per chunk also adds a pass over the sums, and
     # the sparse product with the assignment takes 13.8 ms).
     n_features = X.shape[1]
+    if X.nnz * FEW_VALUES_SHARE <= n_codes * n_features:
+        cells, values = _scattered(X, labels, sample_weight, n_codes)
+        return ScatteredSums(cells, values, n_codes, n_features)
     # Chunks of about SUMS_CHUNK_VALUES stored values: their temporaries
     # (five or six numbers per value) stay small beside the sums.
     per_row = X.nnz / max(1, X.shape[0])
@@ -283,17 +301,82 @@ def code_sums(X, labels, sample_weight, n_codes):
         return np.zeros((n_codes, n_features), order="F")
 
     def scattered(lo, hi):
-        part = row_range(X, lo, hi)
-        ids = row_ids(part)
-        cells = np.multiply(part.indices, n_codes, dtype=np.intp)
-        cells += labels[lo:hi][ids]
-        return cells, sample_weight[lo:hi][ids] * part.data
+        return _scattered(
+            row_range(X, lo, hi), labels[lo:hi], sample_weight[lo:hi], n_codes
+        )
 
     cells, values = scattered(*chunks[0])
     sums = np.bincount(cells, weights=values, minlength=n_codes * n_features)
     for lo, hi in chunks[1:]:
         np.add.at(sums, *scattered(lo, hi))
     return sums.reshape(n_features, n_codes).T
+
+
+def _scattered(X, labels, sample_weight, n_codes):
+    """The cells (``column * n_codes + code``) of the stored values of ``X``
+    and their weighted values, in row order."""
+    ids = row_ids(X)
+    cells = np.multiply(X.indices, n_codes, dtype=np.intp)
+    cells += labels[ids]
+    return cells, sample_weight[ids] * X.data
+
+
+# Sums of fewer stored values than an eighth of the code book's cells stay
+# scattered (ScatteredSums): an EMA step then adds them cell by cell
+# instead of making and reading a dense array the size of the code book.
+FEW_VALUES_SHARE = 8
+
+
+class ScatteredSums:
+    """Per-code sums of a few sparse rows, as the cells their stored values
+    fall on: what :func:`code_sums` returns when the rows hold fewer values
+    than an eighth of the code book (a stream's batch of wide rows).
+
+    An EMA step adds them to the cells they touch
+    (:meth:`add_scaled_to`, see :func:`skvq._kernels.ema_average`);
+    anything else sees the dense sums, stored column by column:
+    ``np.asarray``, ``+`` and ``*`` give them.
+    """
+
+    dtype = np.dtype(np.float64)
+    __array_ufunc__ = None  # ndarray + ScatteredSums: our __radd__
+
+    def __init__(self, cells, values, n_codes, n_features):
+        self.cells, self.values = cells, values
+        self.shape = (n_codes, n_features)
+
+    def toarray(self):
+        """The dense sums, stored column by column."""
+        n_codes, n_features = self.shape
+        size = n_codes * n_features
+        sums = np.bincount(self.cells, weights=self.values, minlength=size)
+        return sums.reshape(n_features, n_codes).T
+
+    def __array__(self, dtype=None, copy=None):
+        return self.toarray() if dtype is None else self.toarray().astype(dtype)
+
+    def __add__(self, other):
+        return self.toarray() + np.asarray(other)
+
+    __radd__ = __add__
+
+    def __mul__(self, factor):
+        return self.toarray() * factor
+
+    __rmul__ = __mul__
+
+    def add_scaled_to(self, flat, factor):
+        """``flat[cell] += factor * (sum of the values on cell)`` for every
+        cell touched, ``flat`` being sums stored column by column, flattened.
+        A cell's sum adds its values in row order, as :func:`numpy.bincount`
+        does, so the result equals adding ``factor`` times the dense sums
+        wherever they are not zero."""
+        totals = _zeroed("scattered-totals", flat.shape[0])
+        try:
+            np.add.at(totals, self.cells, self.values)
+            flat[self.cells] += factor * totals[self.cells]
+        finally:
+            totals[self.cells] = 0.0  # the buffer stays zero between uses
 
 
 def moments(X, sample_weight):

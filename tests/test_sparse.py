@@ -8,9 +8,10 @@ from numpy.testing import assert_allclose, assert_array_equal
 from scipy import sparse
 
 from skvq import ProductVQTransformer, ResidualVQTransformer, VQCodebookTransformer
+from skvq._kernels import ema_update
 from skvq._search import CodebookIndex
 from skvq._sources import in_memory_source
-from skvq._sparse import head
+from skvq._sparse import ScatteredSums, code_sums, head
 
 FORMATS = ["csr_matrix", "csc_matrix", "coo_matrix", "csr_array", "lil_array"]
 
@@ -150,6 +151,43 @@ def test_the_first_rows_of_a_sparse_matrix_are_a_view():
     assert np.shares_memory(first.data, X.data)
     assert np.shares_memory(first.indices, X.indices)
     assert_array_equal(first.toarray(), X[:100].toarray())
+
+
+def test_sums_of_few_sparse_values_stay_scattered_and_step_like_dense_sums():
+    # 50 rows of 2,000 features into 30 codes: far fewer stored values than
+    # cells, so the sums stay scattered, and an EMA step adds them cell by
+    # cell: the same numbers as with the dense sums.
+    rng = np.random.RandomState(0)
+    X = documents(n=50, n_features=2000, density=0.01)
+    labels = rng.randint(30, size=50)
+    weights = rng.uniform(0.5, 2.0, size=50)
+    scattered = code_sums(X, labels, weights, 30)
+    assert isinstance(scattered, ScatteredSums)
+    dense_rows = X.toarray()
+    expected = np.zeros((30, 2000))
+    for i in range(50):
+        expected[labels[i]] += weights[i] * dense_rows[i]
+    assert_allclose(np.asarray(scattered), expected, rtol=1e-14, atol=1e-300)
+    codebook = rng.normal(size=(30, 2000))
+    counts = rng.uniform(1.0, 2.0, size=30)
+    batch_counts = np.bincount(labels, weights=weights, minlength=30)
+    step = [counts, counts[:, None] * codebook, codebook, batch_counts]
+    on_cells = ema_update(*step, scattered, 0.9)
+    on_dense = ema_update(*step, np.asarray(scattered), 0.9)
+    for a, b in zip(on_cells, on_dense, strict=True):
+        assert_array_equal(a, b)
+
+
+def test_a_stream_of_wide_sparse_batches_matches_the_dense_stream():
+    # Batches of 100 wide rows: their sums stay scattered (see above).
+    X = documents(n=1000, n_features=2000, density=0.01)
+    on_sparse = VQCodebookTransformer(n_codes=40, random_state=0)
+    on_dense = VQCodebookTransformer(n_codes=40, random_state=0)
+    for start in range(0, 1000, 100):
+        on_sparse.partial_fit(X[start : start + 100])
+        on_dense.partial_fit(X[start : start + 100].toarray())
+    assert_allclose(on_sparse.codebook_, on_dense.codebook_, atol=1e-10)
+    assert_allclose(on_sparse.ema_counts_, on_dense.ema_counts_)
 
 
 def test_sparse_fit_does_not_depend_on_the_threads():
