@@ -17,8 +17,10 @@ counterpart:
   columns of e_j^2 + sum over them of (x_j - e_j)^2``, an O(nnz) sum whose
   absolute error is a few units of roundoff of ``||e||^2`` (the dense one
   is a direct sum of squared differences).
-- Statistics: per-code sums as one sparse product with the assignment;
-  feature moments from the stored values and the zeros' share.
+- Statistics: per-code sums by scattering the stored values onto their
+  (code, column) cells in row order, stored column by column; a batch of
+  few values keeps them scattered (:class:`ScatteredSums`) for its EMA
+  step; feature moments from the stored values and the zeros' share.
 - Row hashes and priorities (:mod:`skvq._rows`): the same numbers as for the
   dense rows (zeros add nothing to the stage hash, nor to a running sum in
   column order); equal rows are grouped (:func:`skvq._rows.group_rows`) by a
