@@ -420,9 +420,10 @@ def ema_update(
     ``n_k <- m n_k + (1 - m) batch_counts_k``,
     ``s_k <- m s_k + (1 - m) batch_sums_k`` and ``c_k <- s_k / n_k`` for every
     code that received weight (the per-code distortion follows the same rule,
-    see :func:`ema_average`).  The new sums and code book are stored in the
-    memory layout of ``batch_sums`` (:func:`memory_order`; sparse rows sum
-    up column by column), so that consecutive steps run contiguous passes.
+    see :func:`ema_average`).  A large code book's new sums and vectors are
+    stored in the memory layout of ``batch_sums`` (:func:`memory_order`;
+    sparse rows sum up column by column, and scattered sums add to sums
+    stored that way), so that consecutive steps run contiguous passes.
     A code that received none keeps its vector
     exactly (in exact arithmetic ``s_k / n_k`` does not change); its sum is
     re-expressed as ``c_k n_k`` so that rounding cannot make ``s_k / n_k``

@@ -97,13 +97,23 @@ def test_fit_on_sparse_rows_reaches_the_quality_of_kmeans():
     assert -vq.score(X) <= km.inertia_ / X.shape[0] * 1.001
 
 
-def test_a_stream_of_sparse_batches_matches_the_stream_of_dense_batches():
-    X = documents(n=1200)
-    on_sparse = VQCodebookTransformer(n_codes=6, random_state=0)
-    on_dense = VQCodebookTransformer(n_codes=6, random_state=0)
-    for start in range(0, 1200, 200):
-        on_sparse.partial_fit(X[start : start + 200])
-        on_dense.partial_fit(X[start : start + 200].toarray())
+@pytest.mark.parametrize(
+    "n_features, density, batch, n_codes",
+    [
+        (80, 0.08, 200, 6),
+        # Wide rows in small batches: their sums stay scattered (see below).
+        (2000, 0.01, 100, 40),
+    ],
+)
+def test_a_stream_of_sparse_batches_matches_the_stream_of_dense_batches(
+    n_features, density, batch, n_codes
+):
+    X = documents(n=1000, n_features=n_features, density=density)
+    on_sparse = VQCodebookTransformer(n_codes=n_codes, random_state=0)
+    on_dense = VQCodebookTransformer(n_codes=n_codes, random_state=0)
+    for start in range(0, 1000, batch):
+        on_sparse.partial_fit(X[start : start + batch])
+        on_dense.partial_fit(X[start : start + batch].toarray())
     assert_allclose(on_sparse.codebook_, on_dense.codebook_, atol=1e-10)
     assert_allclose(on_sparse.ema_counts_, on_dense.ema_counts_)
 
@@ -176,18 +186,6 @@ def test_sums_of_few_sparse_values_stay_scattered_and_step_like_dense_sums():
     on_dense = ema_update(*step, np.asarray(scattered), 0.9)
     for a, b in zip(on_cells, on_dense, strict=True):
         assert_array_equal(a, b)
-
-
-def test_a_stream_of_wide_sparse_batches_matches_the_dense_stream():
-    # Batches of 100 wide rows: their sums stay scattered (see above).
-    X = documents(n=1000, n_features=2000, density=0.01)
-    on_sparse = VQCodebookTransformer(n_codes=40, random_state=0)
-    on_dense = VQCodebookTransformer(n_codes=40, random_state=0)
-    for start in range(0, 1000, 100):
-        on_sparse.partial_fit(X[start : start + 100])
-        on_dense.partial_fit(X[start : start + 100].toarray())
-    assert_allclose(on_sparse.codebook_, on_dense.codebook_, atol=1e-10)
-    assert_allclose(on_sparse.ema_counts_, on_dense.ema_counts_)
 
 
 def test_sparse_fit_does_not_depend_on_the_threads():
