@@ -467,15 +467,15 @@ class _SparsePrep(_ProductBounds):
     ``codes_t`` is the transposed code book, ``(n_features, n_codes)`` and
     C-contiguous as SciPy's sparse-times-dense product wants it: a view,
     without a copy, of a code book stored column by column (Fortran order,
-    as sparse streams keep theirs, see :mod:`skvq._state`), a copy of any
-    other.  ``code_sq`` holds ``||e||^2``; :func:`skvq._sparse.scores`
-    forms ``||e||^2 - 2 x.e`` from the product ``x.e`` (times -2, exact).
-    ``code_sq``: the codes' ``||e||^2`` before rescaling (recomputed when
-    ``scale`` is not 1).
+    as sparse streams keep theirs, see :func:`skvq._kernels.ema_update`), a
+    copy of any other.  ``code_sq`` holds ``||e||^2`` (given before
+    rescaling, recomputed when ``scale`` is not 1);
+    :func:`skvq._sparse.scores` forms ``||e||^2 - 2 x.e`` from the product
+    ``x.e`` (times -2, exact).
     """
 
     def __init__(self, codes64, scale, code_sq):
-        n_codes, n_features = codes64.shape
+        n_features = codes64.shape[1]
         codes = codes64
         if scale != 1.0:
             codes = codes64 * scale
