@@ -44,63 +44,180 @@ _TRIALS_FACTOR = 2
 _FLOAT32_DYNAMIC_RANGE = 2.0**-60
 
 
-def kmeans_plusplus(points, weights, n_codes, rng):
+def greedy_trials(n_codes):
+    """The single code book's k-means++ candidates per seed:
+    ``2 * (2 + log(n_codes))``."""
+    return _TRIALS_FACTOR * (2 + int(np.log(n_codes)))
+
+
+def kmeans_plusplus(points, weights, n_codes, rng, *, n_trials):
     """Greedy weighted k-means++ seeding on distinct points.
 
-    Each new seed is the best, by weighted potential, of
-    ``2 * (2 + log(n_codes))`` candidates drawn with probability proportional
-    to weight times squared distance to the seeds so far.  Distances are
-    computed on centred points divided by a power of two (exact) that brings
-    their largest entry to [1, 2), in float32 unless the points span too many
-    orders of magnitude for it (sparse points: not centred, in float64); the
-    draws are therefore the same for the points at any scale.  Stops early
-    when every point is a seed.
+    Each new seed is the best, by weighted potential, of ``n_trials``
+    candidates drawn with probability proportional to weight times squared
+    distance to the seeds so far (:func:`greedy_trials` for one code book).
+    Distances are computed on centred points divided by a power of two
+    (exact) that brings their largest entry to [1, 2), in float32 unless the
+    points span too many orders of magnitude for it (sparse points: not
+    centred, in float64); the draws are therefore the same for the points at
+    any scale.  Stops early when every point is a seed.
 
     Returns
     -------
     seeds : ndarray of shape (n_seeds,), dtype=intp
         Indices into ``points``, ``n_seeds = min(n_codes, n_points)``.
     """
-    n_points = points.shape[0]
-    n_seeds = min(n_codes, n_points)
-    n_trials = _TRIALS_FACTOR * (2 + int(np.log(n_codes)))
-    distances = _sparse_seed_distances if _sparse.is_sparse(points) else _seed_distances
-    sq_dist = distances(points)
-    seeds = np.empty(n_seeds, dtype=np.intp)
-    seeds[0] = weighted_draw(weights, 1, rng)[0]
-    closest = sq_dist(seeds[:1])[0]
-    for c in range(1, n_seeds):
-        potential = weights * closest
-        candidates = weighted_draw(potential, n_trials, rng)
-        dist = sq_dist(candidates)
-        np.minimum(dist, closest[None, :], out=dist)
-        best = np.argmin(dist @ weights.astype(dist.dtype))
-        seeds[c] = candidates[best]
-        closest = dist[best]
+    return kmeans_plusplus_many([points], [weights], n_codes, [rng], n_trials=n_trials)[
+        0
+    ]
+
+
+def kmeans_plusplus_many(points, weights, n_codes, rngs, *, n_trials):
+    """:func:`kmeans_plusplus` of several samples, one generator each, with
+    the NumPy calls of each iteration shared by all of them.
+
+    Samples with the same number of features (dense) are seeded together:
+    stacked (padded with rows of zero weight, which are never drawn), one
+    ``np.matmul`` over the stack for the candidates' distances.  Each
+    sample's seeds are those :func:`kmeans_plusplus` draws from it alone
+    with its generator, bit for bit, provided the samples of a stack agree
+    on the precision of their distances (float32 unless one of them spans
+    too many orders of magnitude: then float64 for all).
+
+    Returns
+    -------
+    seeds : list of ndarray of shape (n_seeds,), dtype=intp
+    """
+    seeds = [None] * len(points)
+    for group in _seeding_groups(points):
+        distances = _stacked_seed_distances([points[i] for i in group])
+        found = _greedy_seeds(
+            distances,
+            [weights[i] for i in group],
+            n_codes,
+            [rngs[i] for i in group],
+            n_trials,
+        )
+        for i, member_seeds in zip(group, found, strict=True):
+            seeds[i] = member_seeds
     return seeds
 
 
-def _seed_distances(points):
-    """The squared distances of k-means++ seeding: ``sq_dist(idx)`` of the
-    points ``idx`` to every point, on centred points divided by a power of
-    two (exact), in float32 when their dynamic range allows."""
+def _seeding_groups(points):
+    """Indices of the samples seeded together: dense samples by number of
+    features (in order of first appearance), each sparse sample alone."""
+    groups = {}
+    for i, member in enumerate(points):
+        key = ("sparse", i) if _sparse.is_sparse(member) else member.shape[1]
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def _greedy_seeds(sq_dist, weights, n_codes, rngs, n_trials):
+    """The greedy k-means++ loop over a stack of samples: ``sq_dist(idx)``
+    gives the squared distances ``(n_members, n_candidates, n_rows)`` of
+    candidates ``idx`` (one row per member) to every (padded) row.
+
+    Every member's uniform draws are taken at once, in the order in which
+    the loop uses them (the first seed's, then ``n_trials`` per seed): the
+    same numbers as drawing them in turn, and the same state of each
+    generator afterwards.
+    """
+    sizes = [w.shape[0] for w in weights]
+    n_seeds = [min(n_codes, size) for size in sizes]
+    n_members, most_seeds = len(weights), max(n_seeds)
+    stacked = np.zeros((n_members, max(sizes)))
+    trial_draws = np.zeros((n_members, most_seeds - 1, n_trials))
+    seeds = np.zeros((n_members, most_seeds), dtype=np.intp)
+    for m, (w, rng) in enumerate(zip(weights, rngs, strict=True)):
+        stacked[m, : sizes[m]] = w
+        draws = rng.uniform(size=1 + n_trials * (n_seeds[m] - 1))
+        trial_draws[m, : n_seeds[m] - 1] = draws[1:].reshape(-1, n_trials)
+        seeds[m, 0] = _draw(w, draws[:1])[0]
+    members = np.arange(n_members)
+    closest = sq_dist(seeds[:, :1])[:, 0]
+    totals_weights = stacked.astype(closest.dtype)
+    candidates = np.empty((n_members, n_trials), dtype=np.intp)
+    for c in range(1, most_seeds):
+        potential = stacked * closest
+        for m, size in enumerate(sizes):
+            candidates[m] = _draw(potential[m, :size], trial_draws[m, c - 1])
+        dist = sq_dist(candidates)
+        np.minimum(dist, closest[:, None, :], out=dist)
+        best = [
+            np.argmin(dist[m, :, :size] @ totals_weights[m, :size])
+            for m, size in enumerate(sizes)
+        ]
+        seeds[:, c] = candidates[members, best]
+        closest = dist[members, best]
+    return [seeds[m, : n_seeds[m]] for m in range(n_members)]
+
+
+def _draw(weights, uniforms):
+    """:func:`weighted_draw` with the uniform numbers given."""
+    cumulative = np.cumsum(weights)
+    idx = np.searchsorted(cumulative, uniforms * cumulative[-1], side="right")
+    return np.minimum(idx, weights.shape[0] - 1)
+
+
+def _stacked_seed_distances(points):
+    """The squared distances of k-means++ seeding for a stack of samples:
+    ``sq_dist(idx)`` of candidates ``idx`` (one row of indices per sample)
+    to every row of its sample, shape ``(n_members, n_candidates,
+    n_rows)`` (the rows padded with zeros to the largest sample).  Dense
+    samples are centred and divided by a power of two (exact), in float32
+    when their dynamic range allows; a sparse sample comes alone."""
+    if _sparse.is_sparse(points[0]):
+        (member,) = points
+        single = _sparse_seed_distances(member)
+        return lambda idx: single(idx[0])[None]
+    centred = [_centred_unit(member) for member in points]
+    in_float32 = all(_float32_suffices(member) for member in centred)
+    dtype = np.float32 if in_float32 else np.float64
+    n_rows = max(member.shape[0] for member in centred)
+    stack = np.zeros((len(centred), n_rows, centred[0].shape[1]), dtype=dtype)
+    for m, member in enumerate(centred):
+        stack[m, : member.shape[0]] = member
+    sq_norms = np.einsum("mij,mij->mi", stack, stack)
+    stack_t = np.ascontiguousarray(stack.transpose(0, 2, 1))
+    members = np.arange(len(centred))[:, None]
+
+    def sq_dist(idx):
+        # In place: fresh temporaries of this size page-fault on every call.
+        d = np.matmul(stack[members, idx], stack_t)
+        d *= -2.0
+        d += sq_norms[:, None, :]
+        d += sq_norms[members, idx][:, :, None]
+        np.maximum(d, 0.0, out=d)
+        d[members, np.arange(idx.shape[1]), idx] = 0.0
+        return d
+
+    return sq_dist
+
+
+def _centred_unit(points):
+    """Dense points centred and divided by a power of two (exact) that
+    brings their largest entry to [1, 2), float64."""
     centred = points - points.mean(axis=0)
     largest = np.abs(centred).max(initial=0.0)
     if largest > 0:
         centred = np.ldexp(centred, 1 - int(np.frexp(largest)[1]))
+    return centred
+
+
+def _float32_suffices(centred):
+    """Whether the squared distances of ``centred`` points stay far above
+    float32's subnormal range (the median squared norm against the
+    largest)."""
     sq_norms = np.einsum("ij,ij->i", centred, centred)
-    if np.median(sq_norms) >= _FLOAT32_DYNAMIC_RANGE * sq_norms.max(initial=0.0):
-        # Seeding only needs rough distances: float32 halves the cost.
-        centred = centred.astype(np.float32)
-        sq_norms = np.einsum("ij,ij->i", centred, centred)
-    centred_t = np.ascontiguousarray(centred.T)
-    return _distances_by_products(lambda idx: centred[idx] @ centred_t, sq_norms)
+    return np.median(sq_norms) >= _FLOAT32_DYNAMIC_RANGE * sq_norms.max(initial=0.0)
 
 
 def _sparse_seed_distances(points):
-    """:func:`_seed_distances` of CSR points: products with the chosen
-    points (float64, not centred: centring would fill the rows), on points
-    divided by a power of two that brings their largest entry to [1, 2)."""
+    """The seeding distances of CSR points: ``sq_dist(idx)`` of points
+    ``idx`` to every point, from products with the chosen points (float64,
+    not centred: centring would fill the rows), on points divided by a power
+    of two that brings their largest entry to [1, 2)."""
     largest = float(np.abs(points.data).max(initial=0.0))
     scale = float(np.ldexp(1.0, 1 - int(np.frexp(largest)[1]))) if largest > 0 else 1.0
     points = _sparse.scaled(points, scale)
@@ -117,7 +234,6 @@ def _distances_by_products(products, sq_norms):
     point to itself."""
 
     def sq_dist(idx):
-        # In place: fresh temporaries of this size page-fault on every call.
         d = products(idx)
         d *= -2.0
         d += sq_norms
@@ -137,7 +253,7 @@ def random_seeds(points, weights, n_codes, rng):
     )
 
 
-def init_codebook(sample, n_codes, method, rng):
+def init_codebook(sample, n_codes, method, rng, *, n_trials):
     """Initial code vectors drawn from a canonical sample by ``method``.
 
     When the sample has fewer distinct rows than ``n_codes``, every row
@@ -149,16 +265,37 @@ def init_codebook(sample, n_codes, method, rng):
     sample : WeightedRows
         Distinct rows of positive weight, in canonical order.
 
+    n_trials : int
+        k-means++'s candidates per seed (:func:`kmeans_plusplus`).
+
     Returns
     -------
     codebook : ndarray of shape (n_codes, n_features), float64
     """
-    seeding = kmeans_plusplus if method == "k-means++" else random_seeds
-    seeds = seeding(sample.points, sample.weights, n_codes, rng)
-    if seeds.shape[0] < n_codes:
-        extra = weighted_draw(sample.weights, n_codes - seeds.shape[0], rng)
-        seeds = np.concatenate([seeds, extra])
-    return dense_rows(sample.points, seeds)
+    return init_codebooks([sample], n_codes, method, [rng], n_trials=n_trials)[0]
+
+
+def init_codebooks(samples, n_codes, method, rngs, *, n_trials):
+    """:func:`init_codebook` of several samples, one generator each (the
+    k-means++ draws of all of them made together,
+    :func:`kmeans_plusplus_many`): each code book equals the one drawn from
+    its sample alone."""
+    points = [sample.points for sample in samples]
+    weights = [sample.weights for sample in samples]
+    if method == "k-means++":
+        seeds = kmeans_plusplus_many(points, weights, n_codes, rngs, n_trials=n_trials)
+    else:
+        seeds = [
+            random_seeds(p, w, n_codes, rng)
+            for p, w, rng in zip(points, weights, rngs, strict=True)
+        ]
+    codebooks = []
+    for sample, found, rng in zip(samples, seeds, rngs, strict=True):
+        if found.shape[0] < n_codes:
+            extra = weighted_draw(sample.weights, n_codes - found.shape[0], rng)
+            found = np.concatenate([found, extra])
+        codebooks.append(dense_rows(sample.points, found))
+    return codebooks
 
 
 def dense_rows(points, idx):

@@ -25,7 +25,14 @@ from ._base import (
 )
 from ._residual import ResidualTraining, beam_search, joint_step
 from ._rows import canonical_sample
-from ._schedule import drive, run, sample_fit, start_stream, stream_step
+from ._schedule import (
+    drive,
+    run,
+    settled_fit,
+    start_stream,
+    stream_step,
+    training_sample,
+)
 from ._sources import to_internal
 from ._stage_trainer import StageTrainer
 from ._state import CodebookView
@@ -475,11 +482,21 @@ class ProductVQTransformer(_MultiCodebookQuantizer):
             )
             config = self._config()
             trainer = StageTrainer.plain(config)
-            schedules = [
-                sample_fit(config, source, trainer, stage_rng, key=j)
-                for j, stage_rng in enumerate(rngs)
-            ]
+            keys = range(self.n_subspaces_)
             with blas_held(self.n_jobs, source.plan.n_rows * self.n_codes):
+                samples = drive(
+                    source, [training_sample(config, trainer, j) for j in keys]
+                )
+                fits = trainer.fit_many(
+                    [sample.points.astype(source.dtype) for sample in samples],
+                    [sample.weights for sample in samples],
+                    rngs,
+                )
+                del samples
+                schedules = [
+                    settled_fit(config, source, fit, stage_rng, j)
+                    for j, fit, stage_rng in zip(keys, fits, rngs, strict=True)
+                ]
                 outcomes = drive(source, schedules)
             self._states = tuple(outcome.state for outcome in outcomes)
             self._n_iter = sum(outcome.n_iter for outcome in outcomes)

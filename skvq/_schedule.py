@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._kernels import init_codebook, reseed_dead_codes
+from ._kernels import greedy_trials, init_codebook, reseed_dead_codes
 from ._relocation import plan_relocations, split_rows, whole_cells
 from ._sources import (
     BOUNDS_MIN_SCORES,
@@ -119,7 +119,13 @@ def initial_state(config, source, key, stage, max_rows, rng):
     if isinstance(config.init, str):
         sample = yield InitSample(key, stage, max_rows)
         warn_if_few_rows(sample.n_rows, config.n_codes)
-        codes = init_codebook(sample, config.n_codes, config.init, rng)
+        codes = init_codebook(
+            sample,
+            config.n_codes,
+            config.init,
+            rng,
+            n_trials=greedy_trials(config.n_codes),
+        )
     else:
         codes = config.init / source.unit
     seed = int(rng.randint(np.iinfo(np.int32).max))
@@ -364,17 +370,24 @@ class EarlyStopping:
         return bool(self.reason)
 
 
-def sample_fit(config, source, trainer, rng, key=0):
-    """``fit`` of one code book of a multi-codebook quantiser: ``trainer``
-    (a :class:`~skvq._stage_trainer.StageTrainer`) fits it to a canonical
-    sample of at most ``trainer.max_rows`` distinct rows, then one full step
-    on all the rows sets its usage (and keeps ``fit``'s invariant: every
-    code is the mean of its cell).  A generator returning a
-    :class:`FitOutcome`; ``rng`` draws the trainer's seeds, then the seed of
-    the re-seeding draws."""
+def training_sample(config, trainer, key):
+    """The canonical sample of at most ``trainer.max_rows`` distinct rows
+    that code book ``key``'s stage trainer (a
+    :class:`~skvq._stage_trainer.StageTrainer`) fits: the first half of the
+    ``fit`` of one code book of a multi-codebook quantiser (a generator;
+    warns when the sample has fewer rows than codes)."""
     sample = yield InitSample(key, None, trainer.max_rows)
     warn_if_few_rows(sample.n_rows, config.n_codes)
-    fit = trainer.fit(sample.points.astype(source.dtype), sample.weights, rng)
+    return sample
+
+
+def settled_fit(config, source, fit, rng, key):
+    """The second half, from the stage trainer's
+    :class:`~skvq._stage_trainer.StageFit` of the sample: the state (its
+    re-seeding seed drawn from ``rng``, after the trainer's draws), then one
+    full step on all the rows, which sets its usage and keeps ``fit``'s
+    invariant (every code is the mean of its cell).  A generator returning
+    a :class:`FitOutcome`."""
     seed = int(rng.randint(np.iinfo(np.int32).max))
     state = CodebookState.initial(
         fit.codes, algorithm=config.algorithm, seed=seed, unit=source.unit

@@ -9,6 +9,7 @@ from sklearn.decomposition import PCA
 import skvq._residual as residual
 import skvq._stage_trainer as stage_trainer
 from skvq import ProductVQTransformer, ResidualVQTransformer
+from skvq._kernels import kmeans_plusplus, kmeans_plusplus_many
 from skvq._residual import beam_pool
 from skvq._search import CodebookIndex
 from skvq._stage_trainer import (
@@ -23,13 +24,13 @@ from skvq._stage_trainer import (
 def trained_sizes(monkeypatch):
     """The number of rows each stage trainer's fit is given, in order."""
     sizes = []
-    fit = StageTrainer.fit
+    fit_many = StageTrainer.fit_many
 
-    def recording(self, pool, weights, rng):
-        sizes.append(pool.shape[0])
-        return fit(self, pool, weights, rng)
+    def recording(self, pools, weights, rngs):
+        sizes.extend(pool.shape[0] for pool in pools)
+        return fit_many(self, pools, weights, rngs)
 
-    monkeypatch.setattr(StageTrainer, "fit", recording)
+    monkeypatch.setattr(StageTrainer, "fit_many", recording)
     return sizes
 
 
@@ -166,3 +167,38 @@ def test_refinement_holds_out_rows_the_greedy_stages_never_saw(monkeypatch):
     assert sample.shape[0] == stage_trainer.MAX_ROWS_PER_CODE * 2
     assert not residual.held_out(sample).any()
     assert residual.held_out(X).sum() > 500
+
+
+def seeding_samples(seed=0):
+    """Samples of different sizes: four of 3 features, one of 5."""
+    rng = np.random.RandomState(seed)
+    shapes = [(300, 3), (57, 3), (1000, 3), (5, 3), (200, 5)]
+    points = [rng.normal(size=shape) * rng.uniform(0.1, 10) for shape in shapes]
+    weights = [rng.uniform(0.5, 2.0, size=p.shape[0]) for p in points]
+    return points, weights
+
+
+@pytest.mark.parametrize("n_trials", [1, 3, 14])
+def test_stacked_seeding_equals_each_sample_seeded_alone(n_trials):
+    points, weights = seeding_samples()
+    rngs = [np.random.RandomState(i) for i in range(len(points))]
+    together = kmeans_plusplus_many(points, weights, 16, rngs, n_trials=n_trials)
+    for i, (p, w) in enumerate(zip(points, weights, strict=True)):
+        alone_rng = np.random.RandomState(i)
+        alone = kmeans_plusplus(p, w, 16, alone_rng, n_trials=n_trials)
+        assert_array_equal(together[i], alone)
+        assert together[i].shape == (min(16, p.shape[0]),)
+        # Each generator is left where seeding alone leaves it.
+        assert rngs[i].randint(2**31) == alone_rng.randint(2**31)
+
+
+def test_fit_many_equals_each_sample_fitted_alone():
+    points, weights = seeding_samples(seed=1)
+    trainer = StageTrainer(8, progressive_steps=1, step_iterations=5)
+    fits = trainer.fit_many(
+        points, weights, [np.random.RandomState(i) for i in range(len(points))]
+    )
+    for i, (p, w) in enumerate(zip(points, weights, strict=True)):
+        alone = trainer.fit(p, w, np.random.RandomState(i))
+        assert_array_equal(fits[i].codes, alone.codes)
+        assert fits[i].n_iter == alone.n_iter
