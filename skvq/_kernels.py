@@ -25,10 +25,11 @@ from ._threads import n_threads, run_tasks
 COUNT_FLOOR = float(np.sqrt(np.finfo(np.float64).tiny))
 
 
-def weighted_draw(weights, size, rng):
-    """Draw ``size`` indices with probability proportional to ``weights``."""
+def weighted_draw(weights, uniforms):
+    """Indices drawn with probability proportional to ``weights``, one for
+    each of the ``uniforms`` (numbers in [0, 1))."""
     cumulative = np.cumsum(weights)
-    targets = rng.uniform(size=size) * cumulative[-1]
+    targets = uniforms * cumulative[-1]
     idx = np.searchsorted(cumulative, targets, side="right")
     return np.minimum(idx, weights.shape[0] - 1)
 
@@ -133,15 +134,20 @@ def _greedy_seeds(sq_dist, weights, n_codes, rngs, n_trials):
         stacked[m, : sizes[m]] = w
         draws = rng.uniform(size=1 + n_trials * (n_seeds[m] - 1))
         trial_draws[m, : n_seeds[m] - 1] = draws[1:].reshape(-1, n_trials)
-        seeds[m, 0] = _draw(w, draws[:1])[0]
+        seeds[m, 0] = weighted_draw(w, draws[:1])[0]
     members = np.arange(n_members)
     closest = sq_dist(seeds[:, :1])[:, 0]
     totals_weights = stacked.astype(closest.dtype)
     candidates = np.empty((n_members, n_trials), dtype=np.intp)
+    last_rows = np.array(sizes)[:, None] - 1
     for c in range(1, most_seeds):
-        potential = stacked * closest
-        for m, size in enumerate(sizes):
-            candidates[m] = _draw(potential[m, :size], trial_draws[m, c - 1])
+        # The padded rows' potential is 0: each row of the cumulative sums
+        # is the member's own, then its total repeated.
+        cumulative = np.cumsum(stacked * closest, axis=1)
+        targets = trial_draws[:, c - 1] * cumulative[:, -1:]
+        for m in members:
+            candidates[m] = cumulative[m].searchsorted(targets[m], side="right")
+        np.minimum(candidates, last_rows, out=candidates)
         dist = sq_dist(candidates)
         np.minimum(dist, closest[:, None, :], out=dist)
         best = [
@@ -151,13 +157,6 @@ def _greedy_seeds(sq_dist, weights, n_codes, rngs, n_trials):
         seeds[:, c] = candidates[members, best]
         closest = dist[members, best]
     return [seeds[m, : n_seeds[m]] for m in range(n_members)]
-
-
-def _draw(weights, uniforms):
-    """:func:`weighted_draw` with the uniform numbers given."""
-    cumulative = np.cumsum(weights)
-    idx = np.searchsorted(cumulative, uniforms * cumulative[-1], side="right")
-    return np.minimum(idx, weights.shape[0] - 1)
 
 
 def _stacked_seed_distances(points):
@@ -292,7 +291,8 @@ def init_codebooks(samples, n_codes, method, rngs, *, n_trials):
     codebooks = []
     for sample, found, rng in zip(samples, seeds, rngs, strict=True):
         if found.shape[0] < n_codes:
-            extra = weighted_draw(sample.weights, n_codes - found.shape[0], rng)
+            uniforms = rng.uniform(size=n_codes - found.shape[0])
+            extra = weighted_draw(sample.weights, uniforms)
             found = np.concatenate([found, extra])
         codebooks.append(dense_rows(sample.points, found))
     return codebooks
@@ -670,7 +670,7 @@ def reseed_dead_codes(codebook, dead, pool, rng):
         potential = weights * d2
         if not potential.sum() > 0:
             break
-        pick = dense_rows(points, weighted_draw(potential, 1, rng)[:1])[0]
+        pick = dense_rows(points, weighted_draw(potential, rng.uniform(size=1)))[0]
         reseeded.append(k)
         vectors.append(pick)
         if _sparse.is_sparse(points):
