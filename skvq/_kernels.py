@@ -68,9 +68,10 @@ def kmeans_plusplus(points, weights, n_codes, rng, *, n_trials):
     seeds : ndarray of shape (n_seeds,), dtype=intp
         Indices into ``points``, ``n_seeds = min(n_codes, n_points)``.
     """
-    return kmeans_plusplus_many([points], [weights], n_codes, [rng], n_trials=n_trials)[
-        0
-    ]
+    (seeds,) = kmeans_plusplus_many(
+        [points], [weights], n_codes, [rng], n_trials=n_trials
+    )
+    return seeds
 
 
 def kmeans_plusplus_many(points, weights, n_codes, rngs, *, n_trials):
@@ -271,7 +272,8 @@ def init_codebook(sample, n_codes, method, rng, *, n_trials):
     -------
     codebook : ndarray of shape (n_codes, n_features), float64
     """
-    return init_codebooks([sample], n_codes, method, [rng], n_trials=n_trials)[0]
+    (codebook,) = init_codebooks([sample], n_codes, method, [rng], n_trials=n_trials)
+    return codebook
 
 
 def init_codebooks(samples, n_codes, method, rngs, *, n_trials):

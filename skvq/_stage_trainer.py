@@ -90,7 +90,8 @@ class StageFit:
 class StageTrainer:
     """k-means of one code book in ``progressive_steps`` dimension steps
     (module docstring; one step: plain Lloyd iterations on all the
-    features, without the rotation).
+    features, without the rotation), seeded by ``init`` (k-means++: the
+    best of ``seed_trials`` candidates per seed).
 
     ``step_iterations`` Lloyd iterations per step at most; a step ends early
     when the codes move by at most ``tol`` times the sample's mean variance
