@@ -453,8 +453,11 @@ class ProductVQTransformer(_MultiCodebookQuantizer):
     def fit(self, X, y=None, sample_weight=None):
         """Learn every code book from scratch on its subspace.
 
-        The code books follow the single code book's ``fit`` schedule, all
-        on the same stages, each step one pass over the rows for all of them.
+        Each code book is fitted by the stage trainer to a bounded sample of
+        its subspace (the k-means++ seeds of all subspaces drawn together,
+        then plain Lloyd iterations), and one full step on all the rows,
+        made for all the code books in one pass, sets its usage (see the
+        documentation's Multi-codebook quantisers page).
 
         Parameters
         ----------
