@@ -5,7 +5,9 @@ pool of threads (NumPy and BLAS release the GIL).  While the pool works,
 every BLAS library is held to one thread (:class:`BlasHold`), so the cores
 are not oversubscribed; the hold is reference-counted across concurrent
 calls, so that calls from several user threads at once restore exactly the
-limits the first one found.
+limits the first one found.  The hold also keeps a small LAPACK call of
+SciPy's (on a BLAS of its own) from waking threads that would spin on the
+cores NumPy's BLAS needs next.
 """
 
 import os
