@@ -69,6 +69,9 @@ HELD_OUT_SHARE = 1 / 8
 JOINT_SOLVE_MAX = 4096
 # Scores of one block of beam extensions (rows x paths x codes).
 _BEAM_BLOCK_ELEMENTS = 2**21
+# Residual values of one block of a stage's training pool (2 MB of float64;
+# 2**16 to 2**18 were fastest, measured on 65,536 rows of 192 features).
+_POOL_BLOCK_ELEMENTS = 2**18
 # What a greedy stage returns for the errors, computed only when needed.
 _GREEDY = None
 
@@ -819,8 +822,15 @@ def beam_pool(X, weights, paths, indexes, max_rows, rng):
     rows, path = np.divmod(chosen, n_paths)
     if paths is None:
         return X[rows], weights[rows]
-    left = residuals(X[rows], paths[rows, path][:, None, :], indexes)[:, 0]
-    return left.astype(X.dtype), weights[rows]
+    # In blocks that stay in cache: the float64 residuals of the whole pool
+    # at once (100 MB for 65,536 rows of 192 features) took 10 times as long.
+    left = np.empty((rows.shape[0], X.shape[1]), dtype=X.dtype)
+    block = max(1, _POOL_BLOCK_ELEMENTS // max(1, X.shape[1]))
+    for lo in range(0, rows.shape[0], block):
+        part = slice(lo, lo + block)
+        block_paths = paths[rows[part], path[part]][:, None, :]
+        left[part] = residuals(X[rows[part]], block_paths, indexes)[:, 0]
+    return left, weights[rows]
 
 
 def joint_step(config, states, beam_size):

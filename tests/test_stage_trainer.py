@@ -109,7 +109,11 @@ def test_stage_trainer_is_the_same_for_any_thread_count():
     assert_array_equal(fits[0].codes, fits[1].codes)
 
 
-def test_beam_pool_holds_every_kept_path_residual_weighted_as_its_row():
+@pytest.mark.parametrize("block_values", [2**18, 7])  # one block; 2 rows a block
+def test_beam_pool_holds_every_kept_path_residual_weighted_as_its_row(
+    monkeypatch, block_values
+):
+    monkeypatch.setattr(residual, "_POOL_BLOCK_ELEMENTS", block_values)
     rng = np.random.RandomState(0)
     X = rng.normal(size=(5, 3))
     weights = np.arange(1.0, 6.0)
