@@ -15,8 +15,9 @@ best of three calls.
 faiss-cpu and nanopq are optional (``pip install faiss-cpu nanopq``); the
 contenders that are missing are skipped.
 
-Training is timed once, or best of three when one fit takes under a second
-(the small fits, whose times move most between calls).
+Training is timed once, or, for the contenders whose fit takes under a
+second (the small fits, whose times move most between calls), best of five
+rounds in which each of them fits once in turn.
 
     python benchmarks/multi_bench.py [--quick] [--sets digits patches lowrank]
         [--only PQ ...]
@@ -46,9 +47,12 @@ M, NBITS = 8, 8
 # Rows of the encode timing (the held-out rows repeated), and its repeats.
 ENCODE_ROWS = 100_000
 ENCODE_REPEATS = 3
-# Fits faster than this (seconds) are timed best of TRAIN_REPEATS.
+# Fits faster than this (seconds) are timed best of TRAIN_REPEATS rounds,
+# interleaved with the other quick contenders.
 QUICK_FIT = 1.0
-TRAIN_REPEATS = 3
+TRAIN_REPEATS = 5
+# Seconds of pause between contenders.
+PAUSE = 0.5
 
 
 def split(X, n_test, seed=0):
@@ -149,18 +153,29 @@ def _single(vq):
     return vq
 
 
-def timed_training(make, train):
-    """A trained contender and its training time (best of ``TRAIN_REPEATS``
-    fits when one takes under ``QUICK_FIT`` seconds)."""
-    best = np.inf
-    for _ in range(TRAIN_REPEATS):
-        model = make()
-        start = time.perf_counter()
-        model.train(train)
-        best = min(best, time.perf_counter() - start)
-        if best >= QUICK_FIT:
-            break
-    return model, best
+def timed_fit(make, train):
+    """A freshly trained contender and its training time."""
+    model = make()
+    start = time.perf_counter()
+    model.train(train)
+    return model, time.perf_counter() - start
+
+
+def trained(makers, train):
+    """Every contender trained, with its training time: one fit each, then
+    ``TRAIN_REPEATS - 1`` more rounds of the contenders whose fit took under
+    ``QUICK_FIT`` seconds, interleaved (each round fits each of them once,
+    with a pause between contenders), best time kept."""
+    models, times = {}, {}
+    for label, make in makers.items():
+        models[label], times[label] = timed_fit(make, train)
+        time.sleep(PAUSE)
+    quick = [label for label, seconds in times.items() if seconds < QUICK_FIT]
+    for _ in range(TRAIN_REPEATS - 1):
+        for label in quick:
+            times[label] = min(times[label], timed_fit(makers[label], train)[1])
+            time.sleep(PAUSE)
+    return models, times
 
 
 def run(name, train, test, only=None):
@@ -175,10 +190,13 @@ def run(name, train, test, only=None):
     )
     print("|---|---|---|---|")
     many = np.ascontiguousarray(np.resize(test, (ENCODE_ROWS, test.shape[1])))
-    for label, make in contenders(train.shape[1]).items():
-        if only and not any(word in label for word in only):
-            continue
-        model, train_time = timed_training(make, train)
+    makers = {
+        label: make
+        for label, make in contenders(train.shape[1]).items()
+        if not only or any(word in label for word in only)
+    }
+    models, train_times = trained(makers, train)
+    for label, model in models.items():
         codes = model.encode(test)
         error = np.mean(np.sum((test - model.decode(codes)) ** 2, axis=1)) / total
         encode_time = np.inf
@@ -187,11 +205,11 @@ def run(name, train, test, only=None):
             model.encode(many)
             encode_time = min(encode_time, time.perf_counter() - start)
         print(
-            f"| {label} | {error:.4f} | {train_time:.3f} "
+            f"| {label} | {error:.4f} | {train_times[label]:.3f} "
             f"| {ENCODE_ROWS / encode_time:,.0f} |",
             flush=True,
         )
-        time.sleep(0.5)
+        time.sleep(PAUSE)
 
 
 def main():
