@@ -954,10 +954,12 @@ class CodebookIndex:
             kth = best_scores[:, k - 1].astype(scores.dtype)
             # Every true k-th nearest code scores within the margin of the
             # computed k-th smallest score: a row whose other codes all lie
-            # beyond it has its k nearest among ``best``.
+            # beyond it (its next smallest score, one more argmin pass: a
+            # third of the time of counting the scores below it) has its k
+            # nearest among ``best``.
             threshold = kth + margin
-            n_near = k + np.count_nonzero(scores <= threshold[:, None], axis=1)
-        unsure = n_near > k
+            following = flat.take(scores.argmin(axis=1) + offsets)
+        unsure = following <= threshold
         if far is not None:
             unsure |= far
         labels = np.empty((n_rows, k), dtype=np.intp)
