@@ -293,6 +293,8 @@ def split_empty_cells(counts, sums, distortions):
     spread, by ``SPLIT_SPREAD`` of it), float64."""
     counts = counts.astype(np.float64)
     filled = counts > 0
+    if filled.all():  # the common case: no masks, no spreads
+        return sums / counts[:, None]
     codes = np.zeros_like(sums, dtype=np.float64)
     codes[filled] = sums[filled] / counts[filled, None]
     spread = np.zeros(counts.shape[0])
