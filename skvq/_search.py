@@ -954,8 +954,8 @@ class CodebookIndex:
             kth = best_scores[:, k - 1].astype(scores.dtype)
             # Every true k-th nearest code scores within the margin of the
             # computed k-th smallest score: a row whose other codes all lie
-            # beyond it (its next smallest score, one more argmin pass: a
-            # third of the time of counting the scores below it) has its k
+            # beyond it (its next smallest score, one more argmin pass: less
+            # than half the time of counting the scores below it) has its k
             # nearest among ``best``.
             threshold = kth + margin
             following = flat.take(scores.argmin(axis=1) + offsets)
