@@ -151,7 +151,8 @@ class StageTrainer:
 
     def fit(self, X, weights, rng):
         """A :class:`StageFit` of ``X`` (rows of positive ``weights``)."""
-        return self.fit_many([X], [weights], [rng])[0]
+        (fit,) = self.fit_many([X], [weights], [rng])
+        return fit
 
     def fit_many(self, X, weights, rngs):
         """:meth:`fit` of several samples, one generator each: the seeds of
