@@ -77,6 +77,8 @@ _BEAM_BLOCK_ELEMENTS = 2**18
 # Residual values of one block of a stage's training pool (2 MB of float64;
 # 2**16 to 2**18 were fastest, measured on 65,536 rows of 192 features).
 _POOL_BLOCK_ELEMENTS = 2**18
+# Padding of a row's candidates in :func:`_row_best`: after every (path, code).
+_LAST_TIE = np.iinfo(np.intp).max
 # What a greedy stage returns for the errors, computed only when needed.
 _GREEDY = None
 
@@ -258,9 +260,14 @@ def _best_extensions(paths, residual, vectors, found, beam_size):
     row, column = np.nonzero(alive)  # rows ascending, at least `keep` each
     parent = column // k
     code = found.labels.reshape(n_rows, width)[row, column]
-    # Flat gathers: far cheaper than 2-D fancy indexing.
-    diff = np.take(residual.reshape(-1, n_features), row * n_paths + parent, axis=0)
-    diff -= np.take(vectors, code, axis=0)
+    # Flat gathers (far cheaper than 2-D fancy indexing) into reused buffers:
+    # where the bounds leave many candidates alive (low-rank data), fresh
+    # ones page-fault on every block.  mode="clip": the indices are valid.
+    shape = (row.shape[0], n_features)
+    diff = scratch("extension-residuals", shape, np.float64)
+    chosen = scratch("extension-vectors", shape, np.float64)
+    np.take(residual.reshape(-1, n_features), row * n_paths + parent, 0, diff, "clip")
+    diff -= np.take(vectors, code, 0, chosen, "clip")
     sq = np.einsum("ij,ij->i", diff, diff)
     tie = parent * vectors.shape[0] + code  # ties to the lowest (path, code)
     take = _row_best(row, sq, tie, n_rows, keep)
@@ -275,20 +282,31 @@ def _best_extensions(paths, residual, vectors, found, beam_size):
         ],
         axis=2,
     )
-    new_residual = diff[take].reshape(n_rows, keep, n_features)
+    new_residual = np.take(diff, take, axis=0).reshape(n_rows, keep, n_features)
     return new_paths, new_residual, sq[take].reshape(n_rows, keep)
 
 
 def _row_best(row, sq, tie, n_rows, keep):
     """Positions of the ``keep`` smallest ``(sq, tie)`` of every row, in
-    order (``row`` ascending, at least ``keep`` entries a row)."""
-    counts = np.bincount(row, minlength=n_rows)
-    if np.all(counts == keep):  # the common case: a small sort per row
+    order (``row`` ascending, at least ``keep`` entries a row).
+
+    The entries are laid out one row of the table per row, padded after
+    each row's own with ``(inf, max)``, which rank after all of them: a
+    small sort per row, three times faster than one sort of all the entries
+    by ``(row, sq, tie)``.
+    """
+    starts = np.searchsorted(row, np.arange(n_rows))
+    rank = np.arange(row.shape[0]) - starts[row]
+    width = int(rank.max()) + 1
+    if width == keep:  # every row has exactly its ``keep`` candidates
         order = np.lexsort((tie.reshape(n_rows, keep), sq.reshape(n_rows, keep)))
-        return (order + (np.arange(n_rows) * keep)[:, None]).reshape(-1)
-    order = np.lexsort((tie, sq, row))
-    first = np.searchsorted(row[order], np.arange(n_rows))
-    return order[(first[:, None] + np.arange(keep)).reshape(-1)]
+        return (order + starts[:, None]).reshape(-1)
+    table_sq = np.full((n_rows, width), np.inf)
+    table_tie = np.full((n_rows, width), _LAST_TIE, dtype=tie.dtype)
+    table_sq[row, rank] = sq
+    table_tie[row, rank] = tie
+    order = np.lexsort((table_tie, table_sq))[:, :keep]
+    return (order + starts[:, None]).reshape(-1)
 
 
 def decode(indexes, codes, dtype=np.float64):

@@ -133,6 +133,38 @@ def test_a_full_beam_is_exhaustive_search():
     assert_allclose(err, best)
 
 
+def _reference_beam(X, vectors, beam):
+    """Beam search row by row: every path extended by every code, the
+    ``beam`` best kept by (error, path rank, code)."""
+    codes, errors = [], []
+    for x in X:
+        kept = [((), x)]
+        for stage in vectors:
+            ranked = sorted(
+                (float(np.sum((r - v) ** 2)), p, c, path + (c,), r - v)
+                for p, (path, r) in enumerate(kept)
+                for c, v in enumerate(stage)
+            )
+            kept = [(path, r) for _, _, _, path, r in ranked[:beam]]
+        codes.append(kept[0][0])
+        errors.append(float(np.sum(kept[0][1] ** 2)))
+    return np.array(codes), np.array(errors)
+
+
+@pytest.mark.parametrize("beam", [2, 3, 5])
+def test_beam_search_keeps_the_best_paths_with_ties_to_the_lowest_path_and_code(beam):
+    # Small integers: many exactly equal errors, all computed exactly.  The
+    # codes of a stage are distinct (a duplicate code is one candidate).
+    rng = np.random.RandomState(beam)
+    X = rng.randint(-3, 4, size=(60, 3)).astype(float)
+    grid = np.array(list(itertools.product(range(-2, 3), repeat=3)), dtype=float)
+    vectors = [grid[rng.choice(len(grid), 16, replace=False)] for _ in range(3)]
+    codes, err = beam_search(X, [CodebookIndex(v, "brute") for v in vectors], beam)
+    expected_codes, expected_err = _reference_beam(X, vectors, beam)
+    assert_array_equal(codes, expected_codes)
+    assert_array_equal(err, expected_err)
+
+
 def test_wider_beams_never_encode_worse_on_average():
     X = data(n=300)
     rvq = ResidualVQTransformer(n_codes=4, n_stages=4, random_state=0).fit(X)
