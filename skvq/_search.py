@@ -486,13 +486,28 @@ class _SparsePrep(_ProductBounds):
 
 
 class KNearest(NamedTuple):
-    """The ``k`` nearest codes of each row (a set: in no particular order
-    where ``slack`` is positive), their squared distances, and per row a
-    bound on the error of those distances (0: exact, nearest first)."""
+    """``k`` codes of each row, their squared distances, a bound on the
+    error of those distances, and what is known of the codes left out.
+
+    Where ``floor`` is infinite, ``labels`` are the row's ``k`` nearest
+    codes for certain: every code left out ranks after all of them by
+    (squared distance, index).  Where it is finite, they are the ``k`` of
+    smallest computed distance, and a code left out may be nearer than
+    some of them; its squared distance is at least ``floor``.  Labels are
+    nearest first where ``slack`` is 0 (distances exact), else in no
+    particular order.
+    """
 
     labels: np.ndarray  # (n_rows, k), dtype=intp
     sq_dist: np.ndarray  # (n_rows, k), float64
     slack: np.ndarray  # (n_rows,), float64
+    floor: np.ndarray  # (n_rows,), float64
+
+
+def _exactly(labels, sq_dist):
+    """:class:`KNearest` of ranked codes with exact distances."""
+    n_rows = labels.shape[0]
+    return KNearest(labels, sq_dist, np.zeros(n_rows), np.full(n_rows, np.inf))
 
 
 class CodebookIndex:
@@ -872,30 +887,35 @@ class CodebookIndex:
         labels : ndarray of shape (n_samples, k), dtype=intp
         sq_dist : ndarray of shape (n_samples, k), float64
         """
-        labels, sq_dist, _ = self._k_nearest(X, k, n_jobs, bounded=False)
-        return labels, sq_dist
+        found = self._k_nearest(X, k, n_jobs, bounded=False)
+        return found.labels, found.sq_dist
 
     def nearest_k_bounded(self, X, k, *, n_jobs=None):
-        """The set of the ``k`` nearest distinct codes of every row (exact,
-        as :meth:`nearest_k`), with their squared distances known within a
-        bound rather than computed exactly.
+        """``k`` nearest distinct codes of every row by computed distance,
+        with their squared distances known within a bound rather than
+        computed exactly.
 
         The exact distances of ``k`` codes cost ``k`` float64 passes over
         the features; a caller that keeps only some of them (beam search)
-        computes those alone.
+        computes those alone.  Where the float32 product cannot tell the
+        ``k``-th nearest code from the next (a few per cent of rows), the
+        codes are left as computed and ``floor`` bounds the distance of
+        those left out: the caller decides whether that can matter to it,
+        and asks :meth:`nearest_k` for the rows where it does.
 
         Returns
         -------
         KNearest
         """
-        return KNearest(*self._k_nearest(X, k, n_jobs, bounded=True))
+        return self._k_nearest(X, k, n_jobs, bounded=True)
 
     def _k_nearest(self, X, k, n_jobs, *, bounded):
         n_rows, n_distinct = X.shape[0], self.codes64.shape[0]
         k = min(k, n_distinct)
         labels = np.empty((n_rows, k), dtype=np.intp)
         sq_dist = np.empty((n_rows, k))
-        slack = np.zeros(n_rows)
+        slack = np.empty(n_rows)
+        floor = np.empty(n_rows)
         threads = n_threads(n_jobs)
         if self._uses_tree():
             block = working_memory_rows(16 * (k + 1) + 8 * X.shape[1], n_rows)
@@ -919,14 +939,13 @@ class CodebookIndex:
             for lo in range(start, stop, block):
                 hi = min(lo + block, stop)
                 found = search(X[lo:hi])
-                labels[lo:hi], sq_dist[lo:hi] = found[:2]
-                if len(found) == 3:
-                    slack[lo:hi] = found[2]
+                labels[lo:hi], sq_dist[lo:hi] = found.labels, found.sq_dist
+                slack[lo:hi], floor[lo:hi] = found.slack, found.floor
 
         run_tasks(work, n_rows, block, **tasks)
         if self.ids is not None:
             labels = self.ids[labels]
-        return labels, sq_dist, slack
+        return KNearest(labels, sq_dist, slack, floor)
 
     def _brute_ranked(self, X, k, prep, bounded=False):
         """The k nearest codes of a block (:meth:`_k_nearest`): labels and
@@ -936,7 +955,7 @@ class CodebookIndex:
         if k == n_codes:
             rows = np.repeat(np.arange(n_rows), n_codes)
             cols = np.tile(np.arange(n_codes), n_rows)
-            return _exact_ranked(X, self.codes64, rows, cols, k)
+            return _exactly(*_exact_ranked(X, self.codes64, rows, cols, k))
         with np.errstate(over="ignore", invalid="ignore", under="ignore"):
             scores, centred = prep.scores(X)
             margin, x_sq = prep.margin(centred)
@@ -960,21 +979,27 @@ class CodebookIndex:
             threshold = kth + margin
             following = flat.take(scores.argmin(axis=1) + offsets)
         unsure = following <= threshold
-        if far is not None:
-            unsure |= far
         labels = np.empty((n_rows, k), dtype=np.intp)
         sq_dist = np.empty((n_rows, k))
-        sure = np.flatnonzero(~unsure)
         slack = np.zeros(n_rows)
+        floor = np.full(n_rows, np.inf)
+        check = far if far is not None else np.zeros(n_rows, dtype=bool)
         if bounded:
             # ||x - e||^2 = score + ||x - center||^2, each within margin / 2
-            # (rescaled units); twice that, for safety.
-            labels[sure] = best[sure]
-            sq_dist[sure] = best_scores[sure] + x_sq[sure, None]
-            slack[sure] = 2.0 * margin[sure]
-            unscaled_sq(sq_dist, prep.scale)
-            unscaled_sq(slack, prep.scale)
+            # (rescaled units); twice that, for safety.  Where the k-th and
+            # the next score lie within the margin, the codes left out score
+            # at least ``following``: that bounds their distances.
+            # (Far rows hold inf or NaN here: computed exactly below.)
+            labels[...] = best
+            with np.errstate(over="ignore", invalid="ignore"):
+                np.add(best_scores, x_sq[:, None], out=sq_dist)
+                np.multiply(margin, 2.0, out=slack)
+                floor[unsure] = following[unsure] + x_sq[unsure] - slack[unsure]
+            for bound in (sq_dist, slack, floor):
+                unscaled_sq(bound, prep.scale)
         else:
+            check |= unsure
+            sure = np.flatnonzero(~check)
             # Entries of these rows are bounded by their centred norms plus
             # the centre (working units: divided by the index's scale).
             magnitude = float(np.sqrt(x_sq[sure].max(initial=0.0))) / prep.scale
@@ -983,18 +1008,19 @@ class CodebookIndex:
             labels[sure], sq_dist[sure] = _exact_ranked_rows(
                 X[sure], self.codes64, best[sure], magnitude
             )
-        unsure = np.flatnonzero(unsure)
-        if unsure.size:
+        exact = np.flatnonzero(check)
+        if exact.size:
             # The masked winners and the codes within the margin.
-            near = scores[unsure] <= threshold[unsure, None]
-            near[np.arange(unsure.size)[:, None], best[unsure]] = True
+            near = scores[exact] <= threshold[exact, None]
+            near[np.arange(exact.size)[:, None], best[exact]] = True
             if far is not None:
-                near[far[unsure]] = True
+                near[far[exact]] = True
             rows, cols = np.nonzero(near)
-            labels[unsure], sq_dist[unsure] = _exact_ranked(
-                X[unsure], self.codes64, rows, cols, k
+            labels[exact], sq_dist[exact] = _exact_ranked(
+                X[exact], self.codes64, rows, cols, k
             )
-        return labels, sq_dist, slack
+            slack[exact], floor[exact] = 0.0, np.inf
+        return KNearest(labels, sq_dist, slack, floor)
 
     def _kd_ranked(self, X, k, n_threads):
         n_rows, n_codes = X.shape[0], self.codes64.shape[0]
@@ -1013,7 +1039,7 @@ class CodebookIndex:
         if unsure.size:  # near ties at the k-th place: every code is a candidate
             rows = np.concatenate([rows, np.repeat(unsure, n_codes)])
             cols = np.concatenate([cols, np.tile(np.arange(n_codes), unsure.size)])
-        return _exact_ranked(X, self.codes64, rows, cols, k)
+        return _exactly(*_exact_ranked(X, self.codes64, rows, cols, k))
 
     # -- all distances ----------------------------------------------------
     def distances(self, X, *, n_jobs=None):

@@ -168,17 +168,37 @@ def test_k_nearest_codes_are_exact_with_ties_to_the_lowest_index(algorithm):
     assert_allclose(sq, np.take_along_axis(d2, order, axis=1))
 
 
-def test_bounded_k_nearest_finds_the_same_codes_within_its_bound():
+def test_bounded_k_nearest_lists_the_nearest_codes_or_bounds_those_left_out():
     rng = np.random.RandomState(0)
-    codes = rng.normal(size=(200, 24)).astype(np.float32)
-    X = rng.normal(size=(400, 24))
-    index = CodebookIndex(codes, "brute")
-    labels, sq = index.nearest_k(X, 5)
-    found = index.nearest_k_bounded(X, 5)
-    assert_array_equal(np.sort(found.labels, axis=1), np.sort(labels, axis=1))
-    exact = ((X[:, None, :] - codes.astype(float)[found.labels]) ** 2).sum(axis=2)
-    assert np.all(np.abs(found.sq_dist - exact) <= found.slack[:, None] + 1e-12)
+    grid = np.array(list(itertools.product(range(-2, 3), repeat=4)), dtype=np.float32)
+    codes = grid[rng.choice(len(grid), 200, replace=False)]  # distinct, many ties
+    X = rng.randint(-2, 3, size=(400, 4)) + rng.choice([0.0, 0.5], size=(400, 4))
+    found = CodebookIndex(codes, "brute").nearest_k_bounded(X, 5)
+    d2 = ((X[:, None, :] - codes.astype(float)[None]) ** 2).sum(axis=2)
+    listed = np.take_along_axis(d2, found.labels, axis=1)
+    assert np.all(np.abs(found.sq_dist - listed) <= found.slack[:, None] + 1e-12)
+    certain = np.isinf(found.floor)
+    nearest = np.lexsort((np.broadcast_to(np.arange(200), d2.shape), d2), axis=1)
+    assert_array_equal(
+        np.sort(found.labels[certain], axis=1), np.sort(nearest[certain, :5], axis=1)
+    )
+    left_out = np.ones_like(d2, dtype=bool)
+    np.put_along_axis(left_out, found.labels, False, axis=1)
+    nearest_left_out = np.where(left_out, d2, np.inf).min(axis=1)
+    assert np.all(nearest_left_out[~certain] >= found.floor[~certain])
+    assert 0 < np.count_nonzero(~certain) < 400
     assert found.slack.max() > 0  # bounds, not exact distances, for most rows
+
+
+def test_beam_search_finds_a_nearer_code_that_float32_scores_leave_out():
+    # Four codes at distance 1 of the origin: the row's float32 scores tie
+    # them (1 +- 2e-9), the bounded search lists the two lowest indices, yet
+    # the last is the nearest.
+    codes = np.array([[1, 0], [-1, 0], [0, 1], [0, -1], [5, 5]], dtype=np.float32)
+    X = np.array([[0.0, -1e-9]])
+    codes_found, sq_err = beam_search(X, [CodebookIndex(codes, "brute")], 2)
+    assert_array_equal(codes_found, [[3]])
+    assert sq_err[0] == (1 - 1e-9) ** 2
 
 
 def test_beam_search_never_forms_rows_times_codes_per_path():
