@@ -564,14 +564,14 @@ class StageStatistics(_StagesRequest):
         return (self.key,)
 
     def on_block(self, block, rows, indexes, n_jobs):
+        X = block.X[:rows]
         encoding = _JointEncoding.of(
-            block.X[:rows],
-            self.stage_indexes(indexes),
-            self.versions,
-            block.extras["codes"],
+            X, self.stage_indexes(indexes), self.versions, block.extras["codes"]
         )
+        # The held-out rows judge the refinement: they take no part in it.
+        weights = np.where(held_out(X), 0.0, block.weights[:rows])
         return stage_targets(
-            block, rows, self.key, encoding, self.n_codes, n_jobs
+            block, rows, self.key, encoding, self.n_codes, n_jobs, weights
         ).stats
 
     def merge(self, parts):
@@ -598,16 +598,16 @@ class _JointEncoding:
         return cls(indexes, versions, codes, residual, sq_dist)
 
 
-def stage_targets(block, rows, s, encoding, n_codes, n_jobs, cells=()):
+def stage_targets(block, rows, s, encoding, n_codes, n_jobs, weights, cells=()):
     """What stage ``s`` should reproduce of each row: the row less the other
     stages' code vectors, i.e. what all the stages leave plus its own code
     vector (whose distance to that target is the residual's norm).
 
     The targets become the stage's rows in the block, remembered with their
-    codes and squared distances (for re-seeding).  Returns their statistics
-    and the rows of ``cells``.
+    codes and squared distances (for re-seeding).  Returns their statistics,
+    each row weighted by ``weights``, and the rows of ``cells``.
     """
-    X, weights = block.X[:rows], block.weights[:rows]
+    X = block.X[:rows]
     codes, sq_dist = encoding.codes[:, s], encoding.sq_dist
     target = encoding.residual + _vectors(encoding.indexes[s])[codes]
     target = target.astype(X.dtype, copy=False)
@@ -640,8 +640,11 @@ class JointStatistics(_StagesRequest):
         X = block.X[:rows]
         codes, _ = beam_search(X, stage_indexes, self.beam_size, n_jobs)
         encoding = _JointEncoding.of(X, stage_indexes, self.versions, codes)
+        weights = block.weights[:rows]
         return [
-            stage_targets(block, rows, s, encoding, self.n_codes, n_jobs, self.cells[s])
+            stage_targets(
+                block, rows, s, encoding, self.n_codes, n_jobs, weights, self.cells[s]
+            )
             for s in range(len(stage_indexes))
         ]
 
@@ -721,9 +724,9 @@ class ResidualTraining:
         repeat (a generator returning the states and the passes kept).
 
         Each pass re-solves every code book at once for the current codes
-        (least squares from the normal equations of the last encoding, on
-        the rows that are not held out; a Lloyd step per stage in turn when
-        the system would be too large), then encodes the rows again.  A pass
+        (least squares from the normal equations of the last encoding; a
+        Lloyd step per stage in turn when the system would be too large),
+        from the rows that are not held out, then encodes the rows again.  A pass
         is kept only if it lowers the error of the held-out rows by
         ``REFINE_RTOL``; the first pass that does not is undone and ends the
         refinement, so refinement never raises the held-out error.  There is
@@ -807,7 +810,8 @@ class ResidualTraining:
 
     def _stage_steps(self, states):
         """A Lloyd step per stage in turn, each towards what the others
-        (at their latest vectors) leave of the rows (a generator)."""
+        (at their latest vectors) leave of the rows that are not held out
+        (a generator)."""
         states = list(states)
         scale = self.source.plan.batch_rows / self.source.plan.n_rows
         for s in range(len(states)):

@@ -203,6 +203,24 @@ def test_refinement_never_raises_the_held_out_error(monkeypatch, seed):
     assert _held_out_error(refined, X) <= _held_out_error(greedy, X)
 
 
+def test_stage_by_stage_refinement_learns_from_the_rows_not_held_out(monkeypatch):
+    # Code books too large for a joint solve are refined by a Lloyd step per
+    # stage: the held-out rows that judge each pass take no part in it.
+    monkeypatch.setattr(residual, "JOINT_SOLVE_MAX", 0)
+    step = residual.full_update
+    weights = []
+
+    def recording(config, state, stats, *args):
+        weights.append(stats.weight)
+        return (yield from step(config, state, stats, *args))
+
+    monkeypatch.setattr(residual, "full_update", recording)
+    X = data(n=400, n_features=8)
+    ResidualVQTransformer(n_codes=8, n_stages=3, random_state=0).fit(X)
+    assert len(weights) >= 3  # at least one pass over the three stages
+    assert_allclose(weights, np.count_nonzero(~residual.held_out(X)))
+
+
 def test_no_refinement_with_fewer_rows_than_codes_in_all(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("an underdetermined solve was attempted")
