@@ -948,9 +948,10 @@ class CodebookIndex:
         return KNearest(labels, sq_dist, slack, floor)
 
     def _brute_ranked(self, X, k, prep, bounded=False):
-        """The k nearest codes of a block (:meth:`_k_nearest`): labels and
-        squared distances, and with ``bounded`` the bound on the distances of
-        each row (0 where they were computed exactly)."""
+        """The :class:`KNearest` of a block (:meth:`_k_nearest`): exact, or
+        with ``bounded`` the codes of smallest computed distance, their
+        bounds and the floors of the codes left out (0 and inf where they
+        were computed exactly)."""
         n_rows, n_codes = X.shape[0], self.codes64.shape[0]
         if k == n_codes:
             rows = np.repeat(np.arange(n_rows), n_codes)
@@ -998,7 +999,7 @@ class CodebookIndex:
             for bound in (sq_dist, slack, floor):
                 unscaled_sq(bound, prep.scale)
         else:
-            check |= unsure
+            check = check | unsure  # a new array: ``far`` stays as it is
             sure = np.flatnonzero(~check)
             # Entries of these rows are bounded by their centred norms plus
             # the centre (working units: divided by the index's scale).
