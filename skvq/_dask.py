@@ -342,6 +342,10 @@ class DaskSource:
     the block of the next call.
     """
 
+    # Requests travel to the workers (but those on small stages of a fit):
+    # large arrays in a request would travel with them.
+    serves_locally = False
+
     def __init__(
         self,
         blocks,

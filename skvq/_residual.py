@@ -34,13 +34,14 @@ like the single code book's schedules.
 """
 
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import numpy as np
 from scipy import linalg, sparse
 
 from ._kernels import COUNT_FLOOR, assignment_statistics
 from ._relocation import MIN_SPLIT_ROWS, cell_members
-from ._rows import WeightedRows, canonical_sample, row_priority
+from ._rows import WeightedRows, canonical_sample, positions_in, row_priority
 from ._schedule import (
     full_update,
     initial_state,
@@ -466,6 +467,32 @@ class HeldOutError:
 
 
 @dataclass(frozen=True)
+class SampleCodes:
+    """The codes of a sample's distinct rows by a chain of code books, as
+    its beam search ends (:func:`greedy_stages`), and what they leave of
+    each row (squared): the encoding of any equal row, found by value."""
+
+    points: np.ndarray  # (n_points, n_features), distinct
+    codes: np.ndarray  # (n_points, n_stages), dtype=intp
+    sq_err: np.ndarray  # (n_points,), float64
+
+    def encode(self, X, search):
+        """Codes and squared errors of the rows of ``X``: those of the equal
+        point where there is one, else from ``search(rows)`` (beam search
+        with the same code books: the same numbers either way)."""
+        position = positions_in(X, self.points)
+        codes = np.empty((X.shape[0], self.codes.shape[1]), dtype=np.intp)
+        sq_err = np.empty(X.shape[0])
+        known = np.flatnonzero(position >= 0)
+        codes[known] = self.codes[position[known]]
+        sq_err[known] = self.sq_err[position[known]]
+        unknown = np.flatnonzero(position < 0)
+        if unknown.size:
+            codes[unknown], sq_err[unknown] = search(X[unknown])
+        return codes, sq_err
+
+
+@dataclass(frozen=True)
 class Encoding:
     """Each code's weight and error from encoding the rows, the error of
     the held-out rows, and the normal equations of the codes of the other
@@ -500,15 +527,25 @@ def held_out(X):
 class Encode(_StagesRequest):
     """Encode the rows with ``states`` (the blocks keep the codes); with
     ``normal_equations``, also the normal equations of those codes on the
-    rows that are not held out."""
+    rows that are not held out.  With ``known`` (:class:`SampleCodes` by
+    the same states), the rows it holds take their codes from it and only
+    the others are searched."""
 
     n_codes: int = 0
     normal_equations: bool = False
+    known: SampleCodes | None = None
 
     def on_block(self, block, rows, indexes, n_jobs):
         X, weights = block.X[:rows], block.weights[:rows]
         stage_indexes = self.stage_indexes(indexes)
-        codes, sq_err = beam_search(X, stage_indexes, self.beam_size, n_jobs)
+
+        def search(rows):
+            return beam_search(rows, stage_indexes, self.beam_size, n_jobs)
+
+        if self.known is None:
+            codes, sq_err = search(X)
+        else:
+            codes, sq_err = self.known.encode(X, search)
         block.extras["codes"] = codes
         n_stages = codes.shape[1]
         counts = np.stack(
@@ -686,7 +723,7 @@ class ResidualTraining:
         trainer = StageTrainer.progressive(self.config)
         sample = yield InitSample(0, None, trainer.max_rows)
         warn_if_few_rows(sample.n_rows, self.config.n_codes)
-        states, n_iter = greedy_stages(
+        greedy = greedy_stages(
             sample.points.astype(self.source.dtype),
             sample.weights,
             trainer,
@@ -694,8 +731,12 @@ class ResidualTraining:
             self.rngs,
             self.source.unit,
         )
-        states, n_refinements = yield from self.refine(states)
-        return ResidualOutcome(states, n_iter, n_refinements)
+        # The sample's codes spare the first encoding a search of its rows
+        # (a ninth of the patches' fit at beam 5) where requests are served
+        # in this process; to workers, they would travel with every request.
+        known = greedy.sample_codes if self.source.serves_locally else None
+        states, n_refinements = yield from self.refine(greedy.states, known)
+        return ResidualOutcome(states, greedy.n_iter, n_refinements)
 
     def start(self):
         """The first ``partial_fit``: every stage initialised from the
@@ -719,9 +760,10 @@ class ResidualTraining:
             self.beam_size,
         )
 
-    def refine(self, states):
+    def refine(self, states, known=None):
         """Joint passes after the greedy training: re-solve, re-encode,
         repeat (a generator returning the states and the passes kept).
+        ``known``: :class:`SampleCodes` by ``states`` for the first encoding.
 
         Each pass re-solves every code book at once for the current codes
         (least squares from the normal equations of the last encoding; a
@@ -738,7 +780,7 @@ class ResidualTraining:
         joint = len(states) * n_codes <= JOINT_SOLVE_MAX
         underdetermined = self.source.plan.n_rows < len(states) * n_codes
         # The normal equations only when a solve may follow.
-        encoding = yield self._encode(states, joint and not underdetermined)
+        encoding = yield self._encode(states, joint and not underdetermined, known)
         n_refinements = 0
         if underdetermined or not encoding.held_out.weight > 0:
             return self._with_usage(states, encoding), n_refinements
@@ -772,7 +814,7 @@ class ResidualTraining:
             n_refinements += 1
         return self._with_usage(states, encoding), n_refinements
 
-    def _encode(self, states, joint):
+    def _encode(self, states, joint, known=None):
         return Encode(
             0,
             None,
@@ -781,6 +823,7 @@ class ResidualTraining:
             self.beam_size,
             self.config.n_codes,
             joint,
+            known,
         )
 
     def _solved(self, states, encoding):
@@ -829,16 +872,26 @@ class ResidualTraining:
         return tuple(states)
 
 
+class GreedyStages(NamedTuple):
+    """What :func:`greedy_stages` trained: the stages' states, the Lloyd
+    iterations made, and the sample's codes by all the stages."""
+
+    states: tuple
+    n_iter: int
+    sample_codes: SampleCodes
+
+
 def greedy_stages(X, weights, trainer, beam_size, rngs, unit):
-    """The greedy stage loop of ``fit`` on an in-memory sample (a tuple of
-    :class:`~skvq._state.CodebookState`, and the Lloyd iterations made).
+    """The greedy stage loop of ``fit`` on an in-memory sample (a
+    :class:`GreedyStages`).
 
     Stage ``s`` is fitted by ``trainer`` (a
     :class:`~skvq._stage_trainer.StageTrainer`) to what every kept path of
     the rows leaves after the stages before it (:func:`beam_pool`): the
     code books learn from the residuals that beam search will produce.
     ``rngs[s]`` draws the stage's pool, its seeding, then the seed of its
-    re-seeding draws.
+    re-seeding draws.  The paths extended by the last stage are the beam
+    search of the sample (the same codes as :func:`beam_search`).
     """
     states, paths, n_iter = [], None, 0
     for rng in rngs:
@@ -856,7 +909,12 @@ def greedy_stages(X, weights, trainer, beam_size, rngs, unit):
                 fit.codes, algorithm=trainer.algorithm, seed=seed, unit=unit
             )
         )
-    return tuple(states), n_iter
+    indexes = [state.index for state in states]
+    paths, sq_err = extend_beams(
+        X, paths, indexes[:-1], indexes[-1], beam_size, trainer.n_jobs
+    )
+    codes = SampleCodes(X, paths[:, 0], sq_err[:, 0])
+    return GreedyStages(tuple(states), n_iter, codes)
 
 
 def beam_pool(X, weights, paths, indexes, max_rows, rng):

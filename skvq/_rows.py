@@ -230,6 +230,30 @@ def group_rows(X):
     return rows, first[order], rank[inverse]
 
 
+def positions_in(rows, points):
+    """For each of ``rows``, the index of the equal row of ``points`` (dense,
+    distinct), or -1 where ``points`` holds none (``-0.0`` equals ``0.0``).
+
+    Rows are matched by their canonical projection (:func:`project`: equal
+    rows share it wherever they sit), then compared value by value: two
+    distinct points that shared a projection would only leave the rows of
+    the second unmatched.
+    """
+    position = np.full(rows.shape[0], -1, dtype=np.intp)
+    if points.shape[0] == 0:
+        return position
+    direction = _directions(points.shape[1])[0]
+    key = project(points, direction)
+    order = np.argsort(key, kind="stable")
+    key = key[order]
+    row_key = project(rows, direction)
+    at = np.minimum(np.searchsorted(key, row_key), key.shape[0] - 1)
+    candidate = order[at]
+    found = (key[at] == row_key) & np.all(points[candidate] == rows, axis=1)
+    position[found] = candidate[found]
+    return position
+
+
 def _groups_by_key(rows):
     """:func:`group_rows`'s ``first`` and ``inverse`` from the canonical key
     of dense ``rows``, or None when some distinct rows share a key."""

@@ -430,6 +430,9 @@ class InMemorySource:
     Build it with :func:`in_memory_source`.
     """
 
+    # Requests are served here: large arrays in a request cost no transfer.
+    serves_locally = True
+
     def __init__(self, block, plan, unit, n_jobs):
         self.block = block
         self.plan = plan

@@ -173,6 +173,46 @@ def test_refinement_holds_out_rows_the_greedy_stages_never_saw(monkeypatch):
     assert residual.held_out(X).sum() > 500
 
 
+def _weighted_rows_with_duplicates(seed=0):
+    rng = np.random.RandomState(seed)
+    X = rng.normal(size=(600, 4))
+    X[550:] = X[:50]  # duplicates: one row each of the training rows
+    weights = rng.uniform(0.5, 2.0, size=600)
+    weights[[70, 400, 450]] = 0.0  # no training rows at all
+    return X, weights
+
+
+def test_fit_searches_only_the_rows_its_sample_lacks(monkeypatch):
+    # 547 distinct training rows; two codes a stage sample 512 of them.
+    X, weights = _weighted_rows_with_duplicates()
+    searched = []
+    search = residual.beam_search
+
+    def counting(rows, *args, **kwargs):
+        searched.append(rows.shape[0])
+        return search(rows, *args, **kwargs)
+
+    monkeypatch.setattr(residual, "beam_search", counting)
+    rvq = ResidualVQTransformer(n_codes=2, n_stages=3, beam_size=3, random_state=0)
+    rvq.fit(X, sample_weight=weights)
+    # The first encoding searches the rows left out of the sample alone.
+    assert searched[0] == 547 - stage_trainer.MAX_ROWS_PER_CODE * 2
+
+
+def test_fit_with_the_sample_codes_equals_fit_searching_every_row(monkeypatch):
+    X, weights = _weighted_rows_with_duplicates(1)
+    params = dict(n_codes=4, n_stages=3, beam_size=3, random_state=1)
+    reused = ResidualVQTransformer(**params).fit(X, sample_weight=weights)
+    monkeypatch.setattr(
+        residual.SampleCodes, "encode", lambda self, rows, search: search(rows)
+    )
+    searched = ResidualVQTransformer(**params).fit(X, sample_weight=weights)
+    assert reused.n_refinements_ == searched.n_refinements_
+    for mine, theirs in zip(reused.codebooks_, searched.codebooks_, strict=True):
+        assert_array_equal(mine, theirs)
+    assert_array_equal(reused.transform(X), searched.transform(X))
+
+
 def seeding_samples(seed=0):
     """Samples of different sizes: four of 3 features, one of 5."""
     rng = np.random.RandomState(seed)

@@ -190,6 +190,31 @@ def test_small_projections_have_the_bits_of_the_column_loop(monkeypatch):
     assert_array_equal(accumulated[:40], accumulated[40:][::-1])
 
 
+def test_rows_are_found_among_points_by_value():
+    from skvq._rows import positions_in
+
+    points = np.array([[1.0, 2.0], [0.0, 3.0], [5.0, 5.0]], dtype=np.float32)
+    rows = np.array(
+        [[0.0, 3.0], [-0.0, 3.0], [9.0, 9.0], [1.0, 2.0], [5.0, 5.0], [1.0, 2.0]],
+        dtype=np.float32,
+    )
+    assert_array_equal(positions_in(rows, points), [1, 1, -1, 0, 2, 0])
+    assert_array_equal(positions_in(rows, points[:0]), [-1] * 6)
+
+
+def test_rows_of_points_sharing_a_projection_are_left_unmatched(monkeypatch):
+    import skvq._rows as rows_module
+
+    # (1, 2) and (2, 1) project to the same key along (1, 1): the second
+    # point's rows are not matched (rather than matched to the first).
+    monkeypatch.setattr(rows_module, "_directions", lambda n: np.ones((2, n)))
+    points = np.array([[1.0, 2.0], [2.0, 1.0], [0.0, 7.0]])
+    rows = np.array([[2.0, 1.0], [1.0, 2.0], [0.0, 7.0]])
+    position = rows_module.positions_in(rows, points)
+    assert_array_equal(position[1:], [0, 2])
+    assert position[0] in (-1, 1)
+
+
 def test_distinct_rows_sharing_a_canonical_key_are_not_grouped(monkeypatch):
     import skvq._rows as rows_module
 
