@@ -22,8 +22,11 @@ like the single code book's schedules.
   one request): stage ``s`` is fitted by the stage trainer
   (:mod:`skvq._stage_trainer`, progressive-dimension k-means) to what every
   kept beam path leaves of the sample's rows after the stages before it.
-  The first ``partial_fit`` initialises stage after stage from the residual
-  of each row's best path, kept per block of rows with the paths themselves.
+  Its beams, extended by the last stage, encode the sample
+  (:class:`SampleCodes`): the refinement's first encoding looks the rows up
+  there.  The first ``partial_fit`` initialises stage after stage from the
+  residual of each row's best path, kept per block of rows with the paths
+  themselves.
 - Joint refinement (``fit``): for the current codes, all code books are
   solved at once by least squares; the normal equations are sums over rows,
   so each block adds its part.  Beyond ``JOINT_SOLVE_MAX`` codes in all, a
