@@ -165,6 +165,23 @@ def test_beam_search_keeps_the_best_paths_with_ties_to_the_lowest_path_and_code(
     assert_array_equal(err, expected_err)
 
 
+@pytest.mark.parametrize("scale", [1e-30, 1.0, 1e30])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("algorithm", ["brute", "kd_tree"])
+def test_beam_search_is_the_row_by_row_beam_at_every_scale(scale, dtype, algorithm):
+    rng = np.random.RandomState(0)
+    X = (rng.normal(size=(40, 3)) * scale).astype(dtype)
+    vectors = [
+        (rng.normal(size=(12, 3)) * scale * 0.5**s).astype(dtype) for s in range(3)
+    ]
+    codes, err = beam_search(X, [CodebookIndex(v, algorithm) for v in vectors], 4)
+    expected_codes, expected_err = _reference_beam(
+        X.astype(np.float64), [v.astype(np.float64) for v in vectors], 4
+    )
+    assert_array_equal(codes, expected_codes)
+    assert_allclose(err, expected_err, rtol=1e-12)
+
+
 def test_wider_beams_never_encode_worse_on_average():
     X = data(n=300)
     rvq = ResidualVQTransformer(n_codes=4, n_stages=4, random_state=0).fit(X)
