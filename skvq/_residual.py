@@ -734,10 +734,14 @@ class ResidualTraining:
             self.rngs,
             self.source.unit,
         )
-        # The sample's codes spare the first encoding a search of its rows
-        # (a ninth of the patches' fit at beam 5) where requests are served
-        # in this process; to workers, they would travel with every request.
-        known = greedy.sample_codes if self.source.serves_locally else None
+        # The sample's codes spare the first encoding a search of the rows
+        # (a ninth of the patches' fit at beam 5) when the sample holds them
+        # all (a capped one would leave most rows to search, after a lookup
+        # of every row) and requests are served in this process (to
+        # workers, the sample would travel with every request).
+        complete = sample.n_rows < trainer.max_rows
+        use_sample = complete and self.source.serves_locally
+        known = greedy.sample_codes if use_sample else None
         states, n_refinements = yield from self.refine(greedy.states, known)
         return ResidualOutcome(states, greedy.n_iter, n_refinements)
 

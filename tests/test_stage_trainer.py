@@ -182,9 +182,8 @@ def _weighted_rows_with_duplicates(seed=0):
     return X, weights
 
 
-def test_fit_searches_only_the_rows_its_sample_lacks(monkeypatch):
-    # 547 distinct training rows; two codes a stage sample 512 of them.
-    X, weights = _weighted_rows_with_duplicates()
+def _rows_searched(monkeypatch, X, weights, lookup=True, **params):
+    """Rows that ``fit`` hands to beam search, in all."""
     searched = []
     search = residual.beam_search
 
@@ -192,11 +191,28 @@ def test_fit_searches_only_the_rows_its_sample_lacks(monkeypatch):
         searched.append(rows.shape[0])
         return search(rows, *args, **kwargs)
 
-    monkeypatch.setattr(residual, "beam_search", counting)
-    rvq = ResidualVQTransformer(n_codes=2, n_stages=3, beam_size=3, random_state=0)
-    rvq.fit(X, sample_weight=weights)
-    # The first encoding searches the rows left out of the sample alone.
-    assert searched[0] == 547 - stage_trainer.MAX_ROWS_PER_CODE * 2
+    with monkeypatch.context() as patch:
+        patch.setattr(residual, "beam_search", counting)
+        if not lookup:
+            patch.setattr(
+                residual.SampleCodes, "encode", lambda self, rows, search: search(rows)
+            )
+        ResidualVQTransformer(**params).fit(X, sample_weight=weights)
+    return sum(searched)
+
+
+@pytest.mark.parametrize("n_codes, spared", [(4, 547), (2, 0)])
+def test_fit_takes_the_training_rows_codes_from_a_complete_sample(
+    monkeypatch, n_codes, spared
+):
+    # 547 distinct training rows: four codes a stage sample them all, and
+    # the first encoding searches none; two codes sample 512 of them, and
+    # the rows are all searched (a lookup would spare few).
+    X, weights = _weighted_rows_with_duplicates()
+    params = dict(n_codes=n_codes, n_stages=3, beam_size=3, random_state=0)
+    with_lookup = _rows_searched(monkeypatch, X, weights, **params)
+    without = _rows_searched(monkeypatch, X, weights, lookup=False, **params)
+    assert without - with_lookup == spared
 
 
 def test_fit_with_the_sample_codes_equals_fit_searching_every_row(monkeypatch):
