@@ -49,6 +49,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from . import _sparse
+from ._arrays import clamp_negatives
 from ._rows import group_rows
 from ._threads import (
     TASK_ELEMENTS,
@@ -806,7 +807,7 @@ class CodebookIndex:
         if far is not None:
             labels[far] = _nearest_of_rows(X[far], self.codes64)
             lower[far] = 0.0
-        np.maximum(lower, 0.0, out=lower)
+        clamp_negatives(lower)
         return labels, unscaled_sq(lower, prep.scale)
 
     def _line_block(self, X):
@@ -1074,7 +1075,7 @@ class CodebookIndex:
                         sq, centred = prep.scores(X[lo:hi], reuse=False)
                         x_sq = np.einsum("ij,ij->i", centred, centred)
                     sq += x_sq[:, None]
-                    np.maximum(sq, 0.0, out=sq)
+                    clamp_negatives(sq)
                     np.sqrt(sq, out=sq)
                     if prep.scale != 1.0:
                         sq /= prep.scale

@@ -36,6 +36,8 @@ import threading
 import numpy as np
 from scipy import sparse
 
+from ._arrays import clamp_negatives
+
 # Dense float64 values that an exact check densifies at once, at most.
 _DENSE_ELEMENTS = 2**22
 # Rows of a chunk of the passes over stored entries: their temporaries (a
@@ -267,7 +269,7 @@ def sq_dist_to(X, codes64, labels, scale=1.0, code_sq=None):
     with np.errstate(over="ignore", invalid="ignore"):
         diff = data - chosen
         sq = code_sq - row_sums(X, chosen * chosen, ids)
-        np.maximum(sq, 0.0, out=sq)
+        clamp_negatives(sq)
         sq += row_sums(X, diff * diff, ids)
     if scale != 1.0:
         with np.errstate(over="ignore", under="ignore"):
@@ -405,7 +407,7 @@ def sq_dist_to_vectors(points, vectors):
     d = -2.0 * products
     d += row_sq_norms(points)[:, None]
     d += np.einsum("ij,ij->i", vectors, vectors)
-    np.maximum(d, 0.0, out=d)
+    clamp_negatives(d)
     return d
 
 

@@ -10,6 +10,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 from sklearn.exceptions import NotFittedError
 
 from skvq import ProductVQTransformer, ResidualVQTransformer, VQCodebookTransformer
+from skvq._arrays import clamp_negatives
 from skvq._relocation import split_cell
 from skvq._residual import beam_search
 from skvq._search import CodebookIndex
@@ -355,3 +356,17 @@ def test_search_scales_follow_the_spread_of_the_codes(dtype, exponent, shift):
         expected = expected_tree  # float32 codes searched in float64
     assert index.tree_scale == expected_tree
     assert index.scale == expected
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(7,), (300, 257), (3, 4, 70_001)])
+def test_clamp_negatives_zeroes_exactly_the_negative_entries(dtype, shape):
+    values = np.random.RandomState(0).normal(size=shape).astype(dtype)
+    values.reshape(-1)[:3] = [np.nan, -0.0, -np.inf]
+    expected = np.where(values < 0, 0.0, values).astype(dtype)
+    out = clamp_negatives(values)
+    assert out is values
+    assert_array_equal(values, expected)  # NaN stays NaN
+    strided = np.random.RandomState(1).normal(size=(50, 40)).astype(dtype)[:, ::3]
+    expected = np.where(strided < 0, 0.0, strided)
+    assert_array_equal(clamp_negatives(strided), expected)

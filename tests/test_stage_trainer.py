@@ -252,6 +252,24 @@ def test_stacked_seeding_equals_each_sample_seeded_alone(n_trials):
         assert rngs[i].randint(2**31) == alone_rng.randint(2**31)
 
 
+@pytest.mark.parametrize("n_trials", [1, 14])
+def test_one_feature_seeding_equals_seeding_with_a_zero_feature_added(n_trials):
+    # One feature takes a broadcast product instead of np.matmul; a zero
+    # column adds exact zeros to the general path's products and norms.
+    rng = np.random.RandomState(3)
+    points = rng.normal(size=(400, 1)) * rng.uniform(0.1, 10.0)
+    weights = rng.uniform(0.5, 2.0, size=400)
+    padded = np.hstack([points, np.zeros_like(points)])
+    one = kmeans_plusplus(
+        points, weights, 32, np.random.RandomState(0), n_trials=n_trials
+    )
+    two = kmeans_plusplus(
+        padded, weights, 32, np.random.RandomState(0), n_trials=n_trials
+    )
+    assert_array_equal(one, two)
+    assert np.unique(one).size == 32
+
+
 def test_fit_many_equals_each_sample_fitted_alone():
     points, weights = seeding_samples(seed=1)
     trainer = StageTrainer(8, progressive_steps=1, step_iterations=5)
