@@ -32,3 +32,26 @@ def clamp_negatives(values):
         part = flat[start : start + _CHUNK]
         np.maximum(part, zeros[: part.size], out=part)
     return values
+
+
+# Rows of at most this many entries have their squared norms summed column
+# by column: einsum pays about 4 ns a row for its inner loop whatever its
+# length (65,536 rows of 3 entries: 0.26 ms, against 0.06 ms column by
+# column; from 8 entries on, einsum is as fast).
+_COLUMN_SUM_MAX = 3
+
+
+def row_sq_norms(values):
+    """The squared norm of each row of the 2-D float array ``values``, in its
+    dtype: up to ``_COLUMN_SUM_MAX`` columns, the squares added column by
+    column in order; else by ``np.einsum`` (which may order the terms
+    otherwise: both are within the rounding of a sum of that many terms)."""
+    n_columns = values.shape[1]
+    if not 1 <= n_columns <= _COLUMN_SUM_MAX:
+        return np.einsum("ij,ij->i", values, values)
+    column = values[:, 0]
+    total = column * column
+    for j in range(1, n_columns):
+        column = values[:, j]
+        total += column * column
+    return total

@@ -49,7 +49,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from . import _sparse
-from ._arrays import clamp_negatives
+from ._arrays import clamp_negatives, row_sq_norms
 from ._rows import group_rows
 from ._threads import (
     TASK_ELEMENTS,
@@ -64,6 +64,15 @@ from ._threads import (
 # more than at 2**18 on one thread, and four times fewer NumPy calls under
 # the GIL let two threads scale at 3 features (docs/performance.rst).
 _BLOCK_ELEMENTS = 2**20
+# Code books of at most this many codes lay their scores out code by code
+# (``(n_codes, n_rows)``) for the nearest-code search: NumPy's argmin pays
+# about 40 ns a row whatever the row's length, which for short rows of
+# scores costs more than the product itself, while a minimum over the code
+# axis of that layout runs element-wise over whole rows of samples.  The
+# search of a block (product, best, second best) takes 0.35-0.5 times as
+# long with 48 codes, 0.6-0.7 with 64, 0.85 with 96 and as long with 128
+# (AMD EPYC, 3-64 features, 8,192-16,384 rows; benchmarks/bench.py's floor).
+BY_CODE_MAX_CODES = 64
 # Bytes of temporaries per row of the one-feature sorted search (a few
 # arrays of four candidates).
 _LINE_ROW_BYTES = 256
@@ -209,7 +218,7 @@ def _exact_sq(X, codes64, rows, cols):
         left *= scale
         right *= scale
     left -= right
-    return unscaled_sq(np.einsum("ij,ij->i", left, left), scale), scale
+    return unscaled_sq(row_sq_norms(left), scale), scale
 
 
 def _exact_nearest(X, codes64):
@@ -302,6 +311,56 @@ def _nearest_of_rows(X, codes64):
     return _exact_nearest(X, codes64)
 
 
+class _BestTwo(NamedTuple):
+    """Per row of a block of scores: the computed best code, its score and
+    the smallest score of the other codes."""
+
+    labels: np.ndarray
+    best: np.ndarray
+    second: np.ndarray
+
+
+def _best_two_by_row(scores):
+    """:class:`_BestTwo` of scores ``(n_rows, n_codes)``: two argmin passes
+    (ties to the lowest code); each row's best score is set to inf."""
+    n_rows, n_codes = scores.shape
+    labels = scores.argmin(axis=1)
+    # Flat positions of each row's best code: take/put on the flat scores
+    # cost far less than 2-D fancy indexing.
+    flat = scores.reshape(-1)
+    offsets = np.arange(0, n_rows * n_codes, n_codes)
+    best = flat.take(labels + offsets)
+    flat.put(labels + offsets, np.inf)
+    second = flat.take(scores.argmin(axis=1) + offsets)
+    return _BestTwo(labels, best, second)
+
+
+def _best_two_by_code(scores):
+    """:class:`_BestTwo` of scores laid out code by code ``(n_codes,
+    n_rows)``, by element-wise minima over the codes (see
+    ``BY_CODE_MAX_CODES``); each row's best score is set to inf.
+
+    A row's label is the number of the code whose score equals the row's
+    minimum, summed by one product with the indicator of those scores: the
+    code itself when it is the only one.  Where several codes tie (the
+    label is then meaningless, clipped to a valid code), one of them is
+    left after the best is set to inf, so the second score equals the best
+    and the caller settles the row exactly.
+    """
+    n_codes, n_rows = scores.shape
+    best = np.minimum.reduce(scores, axis=0)
+    at_best = scratch("at-best", (n_codes, n_rows), bool)
+    np.equal(scores, best, out=at_best)
+    indicator = scratch("indicator", (n_codes, n_rows), scores.dtype)
+    np.copyto(indicator, at_best)
+    numbers = np.arange(n_codes, dtype=scores.dtype)
+    labels = (numbers @ indicator).astype(np.intp)
+    np.minimum(labels, n_codes - 1, out=labels)
+    scores.reshape(-1).put(labels * n_rows + np.arange(n_rows), np.inf)
+    second = np.minimum.reduce(scores, axis=0)
+    return _BestTwo(labels, best, second)
+
+
 _SCRATCH = threading.local()
 
 
@@ -339,7 +398,7 @@ def _sq_dist_to(X, codes, labels, scale=1.0):
             np.subtract(X * X.dtype.type(scale), diff, out=diff)
         else:
             np.subtract(X, diff, out=diff)
-        sq = np.einsum("ij,ij->i", diff, diff).astype(np.float64, copy=False)
+        sq = row_sq_norms(diff).astype(np.float64, copy=False)
     unscaled_sq(sq, scale)
     if X.dtype != np.float64 and not np.isfinite(sq).all():
         bad = np.flatnonzero(~np.isfinite(sq))
@@ -432,15 +491,18 @@ class _BrutePrep(_ProductBounds):
         np.multiply(centred.T, -2.0, out=self.product[:n_features], casting="same_kind")
         self.product[n_features] = e_sq
 
-    def scores(self, X, *, reuse=True):
+    def scores(self, X, *, reuse=True, by_code=False):
         """``(||e||^2 - 2 (x - center).e, x - center)``, rescaled, for a block
-        of rows (those of :meth:`far_rows` may hold inf or NaN).
+        of rows (those of :meth:`far_rows` may hold inf or NaN): the scores
+        of shape ``(n_rows, n_codes)``, or ``(n_codes, n_rows)`` ``by_code``.
 
         With ``reuse``, both live in per-thread buffers that the next call
         overwrites.
         """
         n_rows, n_features = X.shape
-        shape_a, shape_s = (n_rows, n_features + 1), (n_rows, self.product.shape[1])
+        n_codes = self.product.shape[1]
+        shape_a = (n_rows, n_features + 1)
+        shape_s = (n_codes, n_rows) if by_code else (n_rows, n_codes)
         if reuse:
             augmented = scratch("augmented", shape_a, self.dtype)
             scores = scratch("scores", shape_s, self.dtype)
@@ -452,12 +514,14 @@ class _BrutePrep(_ProductBounds):
         if self.scale != 1.0:
             centred *= self.dtype.type(self.scale)
         augmented[:, n_features] = 1.0
+        if by_code:  # BLAS reads both operands transposed, without copies
+            return np.matmul(self.product.T, augmented.T, out=scores), centred
         return np.matmul(augmented, self.product, out=scores), centred
 
     def margin(self, centred):
         """Per row: a bound on the rounding error of a difference of two scores,
         and ``||x - center||^2`` (both rescaled)."""
-        x_sq = np.einsum("ij,ij->i", centred, centred)
+        x_sq = row_sq_norms(centred)
         return self.margin_of(x_sq), x_sq
 
 
@@ -768,30 +832,31 @@ class CodebookIndex:
 
     def _brute_block(self, X, prep):
         """Nearest codes of a block, and lower bounds on the second distances."""
+        n_rows, n_codes = X.shape[0], self.codes64.shape[0]
+        if n_codes == 1:
+            return np.zeros(n_rows, dtype=np.intp), np.full(n_rows, np.inf)
         with np.errstate(over="ignore", invalid="ignore", under="ignore"):
             if _sparse.is_sparse(X):  # codes not centred (prep's center is 0)
                 scores, x_sq = _sparse.scores(X, prep.codes_t, prep.code_sq, prep.scale)
                 margin = prep.margin_of(x_sq)
+                top = _best_two_by_row(scores)
+            elif n_codes <= BY_CODE_MAX_CODES:
+                by_code, centred = prep.scores(X, by_code=True)
+                margin, x_sq = prep.margin(centred)
+                top = _best_two_by_code(by_code)
+                scores = by_code.T  # a view, row by row
             else:
                 scores, centred = prep.scores(X)
                 margin, x_sq = prep.margin(centred)
-            labels = scores.argmin(axis=1)
-            n_rows, n_codes = scores.shape
-            if n_codes == 1:
-                return labels, np.full(n_rows, np.inf)
-            # Flat positions of each row's best code: take/put on the flat
-            # scores cost far less than 2-D fancy indexing.
-            flat = scores.reshape(-1)
-            offsets = np.arange(0, n_rows * n_codes, n_codes)
-            best = flat.take(labels + offsets)
-            flat.put(labels + offsets, np.inf)
-            second = flat.take(scores.argmin(axis=1) + offsets)
+                top = _best_two_by_row(scores)
+            labels, best, second = top
             far = prep.far_rows(x_sq)
             # ||x - e||^2 = score + ||x - center||^2, each within margin / 2.
             lower = second.astype(np.float64)
             lower += x_sq
             lower -= 2.0 * margin
-            unsure = second - best <= margin
+            # Exact ties and NaN (never outside the far rows) are unsure too.
+            unsure = ~(second - best > margin)
             if far is not None:
                 unsure &= ~far
             unsure = np.flatnonzero(unsure)
@@ -1073,7 +1138,7 @@ class CodebookIndex:
                         )
                     else:
                         sq, centred = prep.scores(X[lo:hi], reuse=False)
-                        x_sq = np.einsum("ij,ij->i", centred, centred)
+                        x_sq = row_sq_norms(centred)
                     sq += x_sq[:, None]
                     clamp_negatives(sq)
                     np.sqrt(sq, out=sq)

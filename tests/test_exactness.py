@@ -10,7 +10,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 from sklearn.exceptions import NotFittedError
 
 from skvq import ProductVQTransformer, ResidualVQTransformer, VQCodebookTransformer
-from skvq._arrays import clamp_negatives
+from skvq._arrays import clamp_negatives, row_sq_norms
 from skvq._relocation import split_cell
 from skvq._residual import beam_search
 from skvq._search import CodebookIndex
@@ -370,3 +370,32 @@ def test_clamp_negatives_zeroes_exactly_the_negative_entries(dtype, shape):
     strided = np.random.RandomState(1).normal(size=(50, 40)).astype(dtype)[:, ::3]
     expected = np.where(strided < 0, 0.0, strided)
     assert_array_equal(clamp_negatives(strided), expected)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n_codes", [2, 40, 64, 65, 150])  # either layout
+def test_nearest_code_is_exact_with_ties_and_bounds_the_second(dtype, n_codes):
+    rng = np.random.RandomState(n_codes)
+    # Distinct integer codes and half-integer rows: many exact ties.
+    grid = np.array(list(itertools.product(range(-3, 4), repeat=3)))
+    codes = grid[rng.choice(grid.shape[0], n_codes, replace=False)].astype(dtype)
+    X = (rng.randint(-3, 4, size=(500, 3)) + 0.5).astype(dtype)
+    index = CodebookIndex(codes, "brute")
+    labels, sq, second = index.nearest(X, return_sq_dist=True, return_second=True)
+    d2 = ((X[:, None, :].astype(float) - codes[None].astype(float)) ** 2).sum(axis=2)
+    assert_array_equal(labels, d2.argmin(axis=1))  # ties to the lowest code
+    assert_array_equal(sq, d2.min(axis=1))
+    others = d2.copy()
+    others[np.arange(500), labels] = np.inf
+    assert np.all(second <= others.min(axis=1))
+
+
+@pytest.mark.parametrize("n_columns", [1, 2, 3, 4, 7])
+def test_row_sq_norms_are_the_squared_norms_within_rounding(n_columns):
+    values = np.random.RandomState(n_columns).normal(size=(1000, n_columns + 1))
+    for block in (values, values[:, :n_columns], values[:, :n_columns].astype("f4")):
+        exact = (block.astype(np.longdouble) ** 2).sum(axis=1)
+        norms = row_sq_norms(block)
+        assert norms.dtype == block.dtype
+        eps = np.finfo(block.dtype).eps
+        assert np.all(np.abs(norms - exact) <= block.shape[1] * eps * exact)
