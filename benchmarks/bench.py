@@ -164,21 +164,27 @@ def floor_case(n_samples, n_features, n_codes, repeat):
             repeat,
         )
     print(
-        f"| {n_features} | {1e3 * t['product']:.1f} | {1e3 * t['argmin']:.1f} "
-        f"| {1e3 * t['search']:.1f} | {t['search'] / t['product']:.2f} |"
+        f"| {n_codes} | {n_features} | {1e3 * t['product']:.1f} "
+        f"| {1e3 * t['argmin']:.1f} | {1e3 * t['search']:.1f} "
+        f"| {t['search'] / t['product']:.2f} | {t['search'] / t['argmin']:.2f} |"
     )
 
 
-def bench_floor(n_samples, n_codes, repeat):
-    print(f"\n## 0. The floor: one thread, {n_samples} float32 rows, K={n_codes}")
+def bench_floor(n_samples, repeat):
+    print(f"\n## 0. The floor: one thread, {n_samples} float32 rows")
     print(
         "\nTimes in ms over the same cache-sized blocks: the bare float32 "
-        "product, the product and one argmin, skvq's exact brute search."
+        "product, the product and one argmin, skvq's exact brute search "
+        "(from 64 codes down, its scores are laid out code by code)."
     )
-    print("\n| C | product | product + argmin | skvq search | search / product |")
-    print("|---|---|---|---|---|")
-    for n_features in (64, 3):
-        floor_case(n_samples, n_features, n_codes, repeat)
+    print(
+        "\n| K | C | product | product + argmin | skvq search "
+        "| search / product | search / (product + argmin) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for n_codes in (256, 32):
+        for n_features in (64, 3):
+            floor_case(n_samples, n_features, n_codes, repeat)
 
 
 def partial_fit_case(n_features, n_codes, batch_size, n_batches, repeat):
@@ -358,7 +364,7 @@ def main():
     print(f"faiss: {'installed' if faiss is not None else 'not installed'}")
     warnings.simplefilter("ignore", UserWarning)
     if 0 in sections:
-        bench_floor(n, 256, args.repeat)
+        bench_floor(n, args.repeat)
     if 1 in sections:
         bench_encode(n, 256, args.repeat)
     if 2 in sections:

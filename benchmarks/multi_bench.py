@@ -21,8 +21,10 @@ rounds in which each of them fits once in turn.
 
 With ``--seeds N``, every contender is also fitted with N seeds (skvq's
 ``random_state``, faiss's ``cp.seed`` from its default 1234, nanopq's
-``seed``), and the mean and range of the held-out errors are printed: on
-load_digits one seed's error moves by a few per cent.
+``seed``), and the mean, standard error and range of the held-out errors
+are printed, with each skvq quantiser's difference from its faiss peer
+seed by seed (mean and standard error): on load_digits one seed's error
+moves by a few per cent.
 
     python benchmarks/multi_bench.py [--quick] [--sets digits patches lowrank]
         [--only PQ ...] [--seeds N]
@@ -234,10 +236,28 @@ def run(name, train, test, only=None):
         time.sleep(PAUSE)
 
 
+# The faiss contender each skvq contender is compared with, seed by seed.
+FAISS_PEER = {
+    "skvq PQ": "faiss PQ",
+    "skvq RVQ beam 1": "faiss RQ beam 1",
+    "skvq RVQ beam 5": "faiss RQ beam 5",
+}
+
+
+def _standard_error(values):
+    values = np.asarray(values)
+    return values.std(ddof=1) / np.sqrt(values.size) if values.size > 1 else np.nan
+
+
 def run_seeds(train, test, only, n_seeds):
-    """The held-out error of every contender over ``n_seeds`` seeds."""
-    print(f"\n| contender | relative MSE, mean of {n_seeds} seeds | range |")
-    print("|---|---|---|")
+    """The held-out error of every contender over ``n_seeds`` seeds, and
+    skvq's difference from its faiss peer seed by seed (mean and standard
+    error: a difference within two standard errors is the seed's noise)."""
+    print(
+        f"\n| contender | relative MSE, mean of {n_seeds} seeds | standard error "
+        "| range | minus faiss's, paired |"
+    )
+    print("|---|---|---|---|---|")
     errors = {}
     for seed in range(n_seeds):
         for label, make in selected(train.shape[1], only, seed).items():
@@ -246,7 +266,15 @@ def run_seeds(train, test, only, n_seeds):
             errors.setdefault(label, []).append(relative_error(model, test))
     for label, values in errors.items():
         spread = f"{min(values):.4f}-{max(values):.4f}"
-        print(f"| {label} | {np.mean(values):.5f} | {spread} |")
+        paired = ""
+        peer = errors.get(FAISS_PEER.get(label))
+        if peer is not None:
+            diff = np.subtract(values, peer)
+            paired = f"{diff.mean():+.5f} +- {_standard_error(diff):.5f}"
+        print(
+            f"| {label} | {np.mean(values):.5f} | {_standard_error(values):.5f} "
+            f"| {spread} | {paired} |"
+        )
 
 
 def main():
