@@ -751,6 +751,8 @@ class CodebookIndex:
         else:
             prep = self._prep(self._working_dtype(X.dtype))
             row_bytes = prep.dtype.itemsize * (n_distinct + X.shape[1] + 1)
+            if n_distinct <= BY_CODE_MAX_CODES:  # the indicator of the minima
+                row_bytes += n_distinct * (prep.dtype.itemsize + 1)
             threads = task_threads(n_jobs, n_rows, min_task_rows)
             block = working_memory_rows(row_bytes, n_rows, threads)
             block = min(block, max(16, _BLOCK_ELEMENTS // n_distinct))

@@ -578,6 +578,27 @@ def test_auto_rule_follows_the_documented_thresholds(n_features, n_codes, expect
     assert kd_tree_pays_off(n_features, n_codes) is expected
 
 
+def test_small_code_book_search_keeps_to_working_memory():
+    import tracemalloc
+
+    import sklearn
+
+    # 32 codes: scores laid out code by code, with an indicator of the
+    # minima as large as them; the blocks must count it.
+    X = blobs(400_000, n_features=8, dtype=np.float32)
+    vq = VQCodebookTransformer(n_codes=32, algorithm="brute", random_state=0)
+    vq.partial_fit(X[:2000])
+    with sklearn.config_context(working_memory=1):
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            labels = vq.predict(X)
+            peak = tracemalloc.get_traced_memory()[1] - base
+        finally:
+            tracemalloc.stop()
+    assert peak - labels.nbytes < 1.5 * 2**20
+
+
 def test_predict_never_materialises_the_full_distance_matrix():
     import tracemalloc
 
