@@ -69,9 +69,10 @@ _BLOCK_ELEMENTS = 2**20
 # about 40 ns a row whatever the row's length, which for short rows of
 # scores costs more than the product itself, while a minimum over the code
 # axis of that layout runs element-wise over whole rows of samples.  The
-# search of a block (product, best, second best) takes 0.35-0.5 times as
-# long with 48 codes, 0.6-0.7 with 64, 0.85 with 96 and as long with 128
-# (AMD EPYC, 3-64 features, 8,192-16,384 rows; benchmarks/bench.py's floor).
+# search of 100,000 rows on one thread (AMD EPYC, 3 / 16 / 64 features)
+# takes 0.44 / 0.55 / 0.76 times as long with 64 codes, 0.5-0.86 with 96,
+# 0.7-0.9 with 128 and as long with 256: the rule keeps a margin for other
+# machines.
 BY_CODE_MAX_CODES = 64
 # Bytes of temporaries per row of the one-feature sorted search (a few
 # arrays of four candidates).
