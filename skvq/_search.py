@@ -843,15 +843,15 @@ class CodebookIndex:
                 scores, x_sq = _sparse.scores(X, prep.codes_t, prep.code_sq, prep.scale)
                 margin = prep.margin_of(x_sq)
                 top = _best_two_by_row(scores)
-            elif n_codes <= BY_CODE_MAX_CODES:
-                by_code, centred = prep.scores(X, by_code=True)
-                margin, x_sq = prep.margin(centred)
-                top = _best_two_by_code(by_code)
-                scores = by_code.T  # a view, row by row
             else:
-                scores, centred = prep.scores(X)
+                by_code = n_codes <= BY_CODE_MAX_CODES
+                scores, centred = prep.scores(X, by_code=by_code)
                 margin, x_sq = prep.margin(centred)
-                top = _best_two_by_row(scores)
+                if by_code:
+                    top = _best_two_by_code(scores)
+                    scores = scores.T  # a view, row by row
+                else:
+                    top = _best_two_by_row(scores)
             labels, best, second = top
             far = prep.far_rows(x_sq)
             # ||x - e||^2 = score + ||x - center||^2, each within margin / 2.
