@@ -9,8 +9,8 @@ power-of-two scaling of the data (it only changes exponents), which is what
 lets the estimators work on data of any magnitude in internal units.
 """
 
+import threading
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 from scipy import sparse
@@ -390,16 +390,7 @@ def _chunk_sums(X, labels, sample_weight, n_codes):
         sums = np.zeros((n_codes, X.shape[1]))
         sums[sorted_labels[starts]] = np.add.reduceat(weighted, starts, axis=0)
         return sums
-    # Column i of this (n_codes, n_samples) matrix holds w_i at row labels[i]:
-    # its product with X scatters the weighted rows onto their codes in one
-    # pass, in sample order, with no sort.  Its index arrays are int32 views
-    # of reused buffers (fresh ones would page-fault every call).
-    indices = scratch("statistics-indices", (1, n_samples), np.int32)[0]
-    indices[:] = labels
-    indptr = _column_starts(n_samples)
-    assign = sparse.csc_matrix(
-        (sample_weight, indices, indptr), shape=(n_codes, n_samples), copy=False
-    )
+    assign = _assignment_matrix(labels, sample_weight, n_codes)
     if X.dtype != np.float64:
         # Cast into a reused buffer, likewise.
         buffer = scratch("statistics", X.shape, np.float64)
@@ -408,12 +399,43 @@ def _chunk_sums(X, labels, sample_weight, n_codes):
     return np.asarray(assign @ X)
 
 
-@lru_cache(maxsize=4)
-def _column_starts(n_samples):
-    """``0, 1, ..., n_samples`` as int32 (one row per column)."""
-    starts = np.arange(n_samples + 1, dtype=np.int32)
-    starts.setflags(write=False)
-    return starts
+_ASSIGNMENT = threading.local()
+
+
+def _assignment_matrix(labels, sample_weight, n_codes):
+    """The ``(n_codes, n_samples)`` CSC matrix whose column ``i`` holds
+    ``sample_weight[i]`` at row ``labels[i]``: its product with ``X``
+    scatters the weighted rows onto their codes in one pass, in sample
+    order, with no sort.
+
+    Each thread keeps one such matrix per shape and overwrites its entries
+    in place: the structure (one entry a column, so its indices are sorted
+    and canonical whatever the labels) never changes, and building a new
+    matrix costs SciPy's checks (about 7 us, as much as the product of a
+    256-row batch), fresh index arrays page-fault besides.
+    """
+    n_samples = labels.shape[0]
+    matrices = _ASSIGNMENT.__dict__.setdefault("matrices", {})
+    assign = matrices.get((n_codes, n_samples))
+    if assign is None:
+        if len(matrices) >= _ASSIGNMENT_SHAPES:
+            matrices.clear()
+        assign = matrices[(n_codes, n_samples)] = sparse.csc_matrix(
+            (
+                np.zeros(n_samples),
+                np.zeros(n_samples, dtype=np.int32),
+                np.arange(n_samples + 1, dtype=np.int32),
+            ),
+            shape=(n_codes, n_samples),
+        )
+    assign.indices[:] = labels
+    assign.data[:] = sample_weight
+    return assign
+
+
+# Shapes of assignment matrices a thread keeps (a fit uses one or two: its
+# chunks and their remainder; a stream its batch size).
+_ASSIGNMENT_SHAPES = 4
 
 
 @dataclass(frozen=True)
@@ -684,7 +706,8 @@ def reseed_dead_codes(codebook, dead, pool, rng):
         if _sparse.is_sparse(points):
             to_pick = _sparse.sq_dist_to_vectors(points, pick[None, :])[:, 0]
         else:
-            to_pick = np.einsum("ij,ij->i", points - pick, points - pick)
+            diff = points - pick
+            to_pick = np.einsum("ij,ij->i", diff, diff)
         np.minimum(d2, to_pick, out=d2)
     n_features = codebook.shape[1]
     return (

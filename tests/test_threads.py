@@ -125,6 +125,38 @@ def test_statistics_in_many_chunks_do_not_depend_on_the_threads(monkeypatch):
     np.testing.assert_allclose(one[1], expected, rtol=1e-12)
 
 
+def test_statistics_of_batches_of_one_shape_are_their_own():
+    # The assignment matrix of a batch shape is reused: each call must see
+    # only its own labels and weights, in the calling thread and in others.
+    import skvq._kernels as kernels
+
+    rng = np.random.RandomState(0)
+    batches = [
+        (
+            rng.normal(size=(300, 4)).astype(np.float32),
+            rng.randint(5, size=300),
+            rng.uniform(0.5, 2.0, size=300),
+        )
+        for _ in range(4)
+    ]
+    batches[2][1][:] = 0  # codes 1-4 get no row at all
+
+    def expected(X, labels, w):
+        sums = np.zeros((5, 4))
+        np.add.at(sums, labels, w[:, None] * X.astype(np.float64))
+        return sums
+
+    for X, labels, w in batches:
+        _, sums = kernels.code_statistics(X, labels, w, 5, n_jobs=1)
+        np.testing.assert_allclose(sums, expected(X, labels, w), rtol=1e-12)
+    with ThreadPoolExecutor(4) as pool:
+        found = list(
+            pool.map(lambda b: kernels.code_statistics(*b, 5, n_jobs=1)[1], batches)
+        )
+    for sums, (X, labels, w) in zip(found, batches, strict=True):
+        np.testing.assert_allclose(sums, expected(X, labels, w), rtol=1e-12)
+
+
 # ----------------------------------------------------------- Lloyd bounds
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_lloyd_bounds_give_the_labels_of_a_full_search(dtype):
