@@ -400,6 +400,9 @@ def _chunk_sums(X, labels, sample_weight, n_codes):
 
 
 _ASSIGNMENT = threading.local()
+# Shapes of assignment matrices a thread keeps (a fit uses one or two: its
+# chunks and their remainder; a stream its batch size).
+_ASSIGNMENT_SHAPES = 4
 
 
 def _assignment_matrix(labels, sample_weight, n_codes):
@@ -431,11 +434,6 @@ def _assignment_matrix(labels, sample_weight, n_codes):
     assign.indices[:] = labels
     assign.data[:] = sample_weight
     return assign
-
-
-# Shapes of assignment matrices a thread keeps (a fit uses one or two: its
-# chunks and their remainder; a stream its batch size).
-_ASSIGNMENT_SHAPES = 4
 
 
 @dataclass(frozen=True)
