@@ -198,32 +198,107 @@ def split_cell(Y, v, code, min_gain=0.0, *, cross_fit=True):
     split : Split or None
         None when the rows cannot be split or gain too little.
     """
-    Y = Y.astype(np.float64, copy=False)
-    code = code.astype(np.float64)
+    return CellSplits(code[None, :], {0: (Y, v)}).split(
+        0, min_gain, cross_fit=cross_fit
+    )
+
+
+class FittedSplit(NamedTuple):
+    """Children fitted on all the rows of a cell, and their gain there."""
+
+    gain: float  # the fitted gain (0 when the rows cannot be split)
+    split: Split | None  # None when the rows cannot be split
+
+
+class CrossFit(NamedTuple):
+    """The two-fold cross-fitted gain of a cell (see :func:`split_cell`)."""
+
+    gain: float
+    splittable: bool  # False when a fold's rows cannot be split
+
+
+class CellSplits:
+    """The split candidates of one planning round: each cell's rows, the
+    children fitted on them and their cross-fitted gain, each computed at
+    most once (a round that finds no certain move plans a trial from the
+    same cells, see :func:`plan_relocations`).
+
+    Parameters
+    ----------
+    codebook : ndarray of shape (n_codes, n_features)
+        The code book the cells belong to.
+    rows : dict
+        ``cell -> (Y, v)``: the rows of each candidate cell and their
+        weights (see :func:`split_rows`).
+    """
+
+    def __init__(self, codebook, rows):
+        self.codebook = codebook
+        self.rows = rows
+        self._fitted = {}
+        self._cross_fitted = {}
+
+    def __len__(self):
+        return len(self.rows)
+
+    def split(self, p, min_gain=0.0, *, cross_fit=True):
+        """:func:`split_cell` of cell ``p``."""
+        gain, split = self._fitted_split(p)
+        if split is None or not gain > min_gain:
+            return 0.0, None
+        if not cross_fit:
+            return gain, split
+        cross = self._cross_fit(p)
+        if not cross.splittable:
+            return 0.0, None
+        return cross.gain, split
+
+    def _cell(self, p):
+        """Rows, weights and code of cell ``p``, in float64."""
+        Y, v = self.rows[p]
+        return Y.astype(np.float64, copy=False), v, self.codebook[p].astype(np.float64)
+
+    def _fitted_split(self, p):
+        found = self._fitted.get(p)
+        if found is None:
+            Y, v, code = self._cell(p)
+            found = self._fitted[p] = _fit_children(Y, v, code)
+        return found
+
+    def _cross_fit(self, p):
+        found = self._cross_fitted.get(p)
+        if found is None:
+            Y, v, code = self._cell(p)
+            found = self._cross_fitted[p] = _cross_fit(Y, v, code)
+        return found
+
+
+def _fit_children(Y, v, code):
+    """:class:`FittedSplit` of float64 rows ``Y`` around ``code``."""
     children = _children(Y, v)
     if children is None:
-        return 0.0, None
+        return FittedSplit(0.0, None)
     a, b, b_share = children
     before = float(v @ _sq_dist(Y, code))
     after = float(v @ np.minimum(_sq_dist(Y, a), _sq_dist(Y, b)))
-    if not before - after > min_gain:
-        return 0.0, None
     remaining = min(after / before, 1.0) if before > 0 else 1.0
-    split = Split(a, b, b_share, remaining)
-    if not cross_fit:
-        return before - after, split
+    return FittedSplit(before - after, Split(a, b, b_share, remaining))
+
+
+def _cross_fit(Y, v, code):
+    """:class:`CrossFit` of float64 rows ``Y`` around ``code``."""
     rank = np.argsort(row_priority(Y), kind="stable")
     folds = (np.sort(rank[0::2]), np.sort(rank[1::2]))
     gain = 0.0
     for fit_rows, test_rows in (folds, folds[::-1]):
         fold = _children(Y[fit_rows], v[fit_rows])
         if fold is None:
-            return 0.0, None
+            return CrossFit(0.0, False)
         test = Y[test_rows]
         kept = _sq_dist(test, code)
         split_sq = np.minimum(_sq_dist(test, fold[0]), _sq_dist(test, fold[1]))
         gain += float(v[test_rows] @ (kept - split_sq))
-    return gain, split
+    return CrossFit(gain, True)
 
 
 def cell_members(X, sample_weight, labels, cells, min_rows=1):
@@ -296,12 +371,13 @@ def whole_cells(members):
 
 
 def plan_relocations(
-    codebook, counts, rows, merge_candidates, max_moves, min_ratio, *, whole=()
+    cells, counts, merge_candidates, max_moves, min_ratio, *, whole=()
 ):
     """Moves that each split a cell whose gain exceeds ``min_ratio`` times the cost.
 
-    ``rows`` maps each split candidate to its rows and weights (in the units
-    of ``counts``), ``merge_candidates`` lists the codes that may move.
+    ``cells`` (:class:`CellSplits`) holds the code book and each split
+    candidate's rows and weights (in the units of ``counts``);
+    ``merge_candidates`` lists the codes that may move.
     Candidates move in order of increasing merge cost, each to the remaining
     cell of largest gain; the cells of a move (the moved code, its merge
     partner, the split cell) are left out of later moves, so the moves are
@@ -318,15 +394,15 @@ def plan_relocations(
     -------
     moves : list of Relocation
     """
-    if not rows or not merge_candidates.shape[0] or codebook.shape[0] < 3:
+    if not len(cells) or not merge_candidates.shape[0] or cells.codebook.shape[0] < 3:
         return []  # a move involves three distinct codes
-    into, cost = merge_costs(codebook, counts, merge_candidates)
+    into, cost = merge_costs(cells.codebook, counts, merge_candidates)
     min_gain = min_ratio * cost.min()
     splits = []
-    for p, (Y, v) in rows.items():
+    for p in cells.rows:
         exact = p in whole
-        gain, split = split_cell(
-            Y, v, codebook[p], cost.min() if exact else min_gain, cross_fit=not exact
+        gain, split = cells.split(
+            p, cost.min() if exact else min_gain, cross_fit=not exact
         )
         if split is not None and gain > 0:
             splits.append((gain, p, split, exact))

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._kernels import greedy_trials, init_codebook, reseed_dead_codes
-from ._relocation import plan_relocations, split_rows, whole_cells
+from ._relocation import CellSplits, plan_relocations, split_rows, whole_cells
 from ._sources import (
     BOUNDS_MIN_SCORES,
     CellRows,
@@ -296,7 +296,11 @@ def stream_finish(config, new, dead, mean_count, pool, result):
         by_distortion = np.argsort(new.distortions, kind="stable")
         movable = by_distortion[~dead[by_distortion]][: 4 * len(splits)]
         moves = plan_relocations(
-            new.codes, new.counts, splits, movable, len(splits), STREAM_MIN_RATIO
+            CellSplits(new.codes, splits),
+            new.counts,
+            movable,
+            len(splits),
+            STREAM_MIN_RATIO,
         )
         new = new.relocated(moves)
         if moves and config.verbose:
@@ -531,11 +535,11 @@ class FitSchedule:
             cells = np.argsort(-distortions, kind="stable")
             cells = cells[splittable[cells]][: 2 * max_moves]
             members = yield CellRows.of(assigned_by, self.key, stage, cells)
-            rows = split_rows(members, counts)
+            # Both plans below weigh the same cells: their splits are fitted once.
+            candidates = CellSplits(state.codes, split_rows(members, counts))
             moves = plan_relocations(
-                state.codes,
+                candidates,
                 counts,
-                rows,
                 np.flatnonzero(movable),
                 max_moves,
                 0.0,
@@ -544,7 +548,7 @@ class FitSchedule:
             if not moves:  # no certain move: a trial
                 max_moves = min(max_moves, TRIAL_MOVES)
                 moves = plan_relocations(
-                    state.codes, counts, rows, np.flatnonzero(movable), max_moves, 0.0
+                    candidates, counts, np.flatnonzero(movable), max_moves, 0.0
                 )
             if not moves:
                 break

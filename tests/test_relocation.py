@@ -6,6 +6,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 
 from skvq import VQCodebookTransformer
 from skvq._relocation import (
+    CellSplits,
     apply_relocations,
     cell_members,
     merge_costs,
@@ -127,7 +128,7 @@ def test_a_relocation_keeps_the_total_count_and_moves_three_codes():
     counts = np.bincount(labels, minlength=3).astype(float)
     state = (codebook, counts, codebook * counts[:, None], np.ones(3))
     rows = {2: (X[300:], np.ones(600))}
-    moves = plan_relocations(codebook, counts, rows, np.arange(3), 1, 1.0)
+    moves = plan_relocations(CellSplits(codebook, rows), counts, np.arange(3), 1, 1.0)
     assert len(moves) == 1
     move = moves[0]
     assert (move.split, {move.code, move.into}) == (2, {0, 1})
@@ -148,7 +149,9 @@ def test_no_move_when_the_split_gains_less_than_the_merge_costs():
     codebook = np.array([[0.0, 0.0], [10.0, 0.0], [20.0, 0.0]])
     counts = np.full(3, 300.0)
     rows = {k: (X[300 * k : 300 * (k + 1)], np.ones(300)) for k in range(3)}
-    assert plan_relocations(codebook, counts, rows, np.arange(3), 3, 1.0) == []
+    assert (
+        plan_relocations(CellSplits(codebook, rows), counts, np.arange(3), 3, 1.0) == []
+    )
 
 
 # -------------------------------------------------------------------- fit
@@ -189,13 +192,17 @@ def test_a_move_into_a_whole_cell_is_certain_with_the_exact_gain():
     codebook = np.array([[-0.1, 0.0], [0.1, 0.0], [15.0, 0.0]])
     counts = np.array([150.0, 150.0, 600.0])
     rows = {2: (X[300:], np.ones(600))}
-    (move,) = plan_relocations(codebook, counts, rows, np.arange(3), 1, 0.0, whole={2})
+    (move,) = plan_relocations(
+        CellSplits(codebook, rows), counts, np.arange(3), 1, 0.0, whole={2}
+    )
     assert move.certain and move.split == 2
     # The fitted gain of the two blobs, not a cross-fitted estimate.
     cell = X[300:]
     exact = float(np.sum((cell - codebook[2]) ** 2)) - sse(X[300:600]) - sse(X[600:])
     assert move.gain == pytest.approx(exact, rel=1e-12)
-    (trial,) = plan_relocations(codebook, counts, rows, np.arange(3), 1, 0.0)
+    (trial,) = plan_relocations(
+        CellSplits(codebook, rows), counts, np.arange(3), 1, 0.0
+    )
     assert not trial.certain and trial.gain != pytest.approx(exact, rel=1e-6)
 
 
@@ -205,12 +212,41 @@ def test_no_certain_move_when_the_exact_gain_is_below_the_cost():
     counts = np.full(3, 300.0)
     rows = {k: (X[300 * k : 300 * (k + 1)], np.ones(300)) for k in range(3)}
     # At ratio 0 any positive cross-fitted gain makes a trial move ...
-    assert plan_relocations(codebook, counts, rows, np.arange(3), 1, 0.0)
+    assert plan_relocations(CellSplits(codebook, rows), counts, np.arange(3), 1, 0.0)
     # ... but a whole cell's split must pay for the merge.
     whole = plan_relocations(
-        codebook, counts, rows, np.arange(3), 1, 0.0, whole={0, 1, 2}
+        CellSplits(codebook, rows), counts, np.arange(3), 1, 0.0, whole={0, 1, 2}
     )
     assert whole == []
+
+
+def test_a_rounds_two_plans_fit_each_cell_once(monkeypatch):
+    import skvq._relocation as relocation
+
+    X = three_clusters()
+    codebook = np.array([[0.0, 0.0], [10.0, 0.0], [20.0, 0.0]])
+    counts = np.full(3, 300.0)
+    rows = {k: (X[300 * k : 300 * (k + 1)], np.ones(300)) for k in range(3)}
+    fresh = [
+        plan_relocations(CellSplits(codebook, rows), counts, np.arange(3), 1, 0.0, **w)
+        for w in ({"whole": {0, 1, 2}}, {})
+    ]
+    fits = []
+    two_means = relocation._two_means
+    monkeypatch.setattr(
+        relocation, "_two_means", lambda Y, v: fits.append(len(Y)) or two_means(Y, v)
+    )
+    shared = CellSplits(codebook, rows)
+    plans = [
+        plan_relocations(shared, counts, np.arange(3), 1, 0.0, **w)
+        for w in ({"whole": {0, 1, 2}}, {})
+    ]
+    # The same moves as from fresh candidates; each cell's children on all
+    # 300 rows fitted once, then once on each of the two folds of 150.
+    assert [[(m.code, m.split, m.gain) for m in p] for p in plans] == [
+        [(m.code, m.split, m.gain) for m in p] for p in fresh
+    ]
+    assert sorted(fits) == [150] * 6 + [300] * 3
 
 
 def test_only_cells_below_the_row_cap_are_whole(monkeypatch):
