@@ -183,6 +183,50 @@ def test_lloyd_bounds_give_the_labels_of_a_full_search(dtype):
     assert n_searched[4] > 0.5 * X.shape[0]
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lloyd_bounds_follow_codes_that_jump_across_the_rows(dtype):
+    # A relocation: code 3 jumps onto rows that others serve, code 7 onto
+    # code 3's old place (its rows go to 7), the others move a little.
+    rng = np.random.RandomState(1)
+    X = data(5000, n_features=5).astype(dtype)
+    codes = X[rng.choice(5000, 30, replace=False)].astype(dtype)
+    bounds = LloydBounds(5, dtype)
+    bounds.assign(CodebookIndex(codes, "brute"), X)
+    moved = codes + rng.normal(scale=1e-3, size=codes.shape).astype(dtype)
+    moved[3], moved[7] = X[10], codes[3]
+    for step in range(3):
+        index = CodebookIndex(moved, "brute")
+        labels, sq_dist = bounds.assign(index, X)
+        full, full_sq = index.nearest(X, return_sq_dist=True)
+        assert_array_equal(labels, full)
+        assert_array_equal(sq_dist, full_sq)
+        if step == 0:
+            assert np.isin(full, [3, 7]).any()
+        moved = moved + rng.normal(scale=1e-3, size=codes.shape).astype(dtype)
+
+
+def test_lloyd_bounds_remember_a_code_that_jumped_next_to_a_row():
+    # Code 3 jumps to just beyond row 0, mirrored through it from the row's
+    # own code; a step later it moves 0.02 closer and takes the row, while
+    # the others move a little (so that its move is not set apart again).
+    X = data(5000, n_features=5).astype(np.float64)
+    codes = X[np.random.RandomState(1).choice(5000, 30, replace=False)]
+    bounds = LloydBounds(5, np.float64)
+    labels, _ = bounds.assign(CodebookIndex(codes, "brute"), X)
+    own = codes[labels[0]]
+    away = (X[0] - own) / np.linalg.norm(X[0] - own)
+    jumped = codes.copy()
+    jumped[3] = 2 * X[0] - own + 0.005 * away
+    bounds.assign(CodebookIndex(jumped, "brute"), X)
+    rng = np.random.RandomState(2)
+    closer = jumped + rng.normal(scale=1e-3, size=jumped.shape)
+    closer[3] = jumped[3] - 0.02 * away
+    index = CodebookIndex(closer, "brute")
+    labels, _ = bounds.assign(index, X)
+    assert labels[0] == 3
+    assert_array_equal(labels, index.nearest(X)[0])
+
+
 def test_lloyd_bounds_search_again_after_duplicate_codes():
     X = data(2000, n_features=3)
     codes = X[:10].copy()
