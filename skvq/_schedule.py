@@ -182,8 +182,8 @@ def dead_codes(state, searched, config, batch_counts=None):
         wins, it is dead again only after ``log(threshold) / log(m)`` steps,
         whatever the batch size).
     """
-    # The sum over the count (the same numbers as ``mean``, without its
-    # Python layer: 4 us of a stream step of a few hundred).
+    # The sum divided by the number of codes: the numbers of ``mean``,
+    # without its Python layer (4 us of a stream step of a few hundred).
     mean_count = float(state.counts.sum()) / state.n_codes
     limit = config.dead_code_threshold * mean_count
     dead = state.counts < limit
