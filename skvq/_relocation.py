@@ -259,18 +259,17 @@ class CellSplits:
         return Y.astype(np.float64, copy=False), v, self.codebook[p].astype(np.float64)
 
     def _fitted_split(self, p):
-        found = self._fitted.get(p)
-        if found is None:
-            Y, v, code = self._cell(p)
-            found = self._fitted[p] = _fit_children(Y, v, code)
-        return found
+        return self._once(self._fitted, p, _fit_children)
 
     def _cross_fit(self, p):
-        found = self._cross_fitted.get(p)
-        if found is None:
-            Y, v, code = self._cell(p)
-            found = self._cross_fitted[p] = _cross_fit(Y, v, code)
-        return found
+        return self._once(self._cross_fitted, p, _cross_fit)
+
+    def _once(self, found, p, compute):
+        """``compute`` of cell ``p``'s rows, weights and code, kept in
+        ``found``."""
+        if p not in found:
+            found[p] = compute(*self._cell(p))
+        return found[p]
 
 
 def _fit_children(Y, v, code):

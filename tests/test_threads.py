@@ -158,6 +158,17 @@ def test_statistics_of_batches_of_one_shape_are_their_own():
 
 
 # ----------------------------------------------------------- Lloyd bounds
+def assign_as_a_full_search(bounds, codes, X):
+    """Assign ``X`` to ``codes`` through ``bounds``, check the labels and
+    distances against a full search, and return the labels."""
+    index = CodebookIndex(codes, "brute")
+    labels, sq_dist = bounds.assign(index, X)
+    full, full_sq = index.nearest(X, return_sq_dist=True)
+    assert_array_equal(labels, full)
+    assert_array_equal(sq_dist, full_sq)
+    return labels
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_lloyd_bounds_give_the_labels_of_a_full_search(dtype):
     rng = np.random.RandomState(0)
@@ -166,11 +177,7 @@ def test_lloyd_bounds_give_the_labels_of_a_full_search(dtype):
     bounds = LloydBounds(5, dtype)
     n_searched = []
     for step in range(8):
-        index = CodebookIndex(codes, "brute")
-        labels, sq_dist = bounds.assign(index, X)
-        full, full_sq = index.nearest(X, return_sq_dist=True)
-        assert_array_equal(labels, full)
-        assert_array_equal(sq_dist, full_sq)
+        assign_as_a_full_search(bounds, codes, X)
         if step:
             n_searched.append(bounds.last_searched)
         # Small moves (the tail of Lloyd's algorithm), and now and then a
@@ -195,13 +202,9 @@ def test_lloyd_bounds_follow_codes_that_jump_across_the_rows(dtype):
     moved = codes + rng.normal(scale=1e-3, size=codes.shape).astype(dtype)
     moved[3], moved[7] = X[10], codes[3]
     for step in range(3):
-        index = CodebookIndex(moved, "brute")
-        labels, sq_dist = bounds.assign(index, X)
-        full, full_sq = index.nearest(X, return_sq_dist=True)
-        assert_array_equal(labels, full)
-        assert_array_equal(sq_dist, full_sq)
+        labels = assign_as_a_full_search(bounds, moved, X)
         if step == 0:
-            assert np.isin(full, [3, 7]).any()
+            assert np.isin(labels, [3, 7]).any()
         moved = moved + rng.normal(scale=1e-3, size=codes.shape).astype(dtype)
 
 
@@ -221,10 +224,7 @@ def test_lloyd_bounds_remember_a_code_that_jumped_next_to_a_row():
     rng = np.random.RandomState(2)
     closer = jumped + rng.normal(scale=1e-3, size=jumped.shape)
     closer[3] = jumped[3] - 0.02 * away
-    index = CodebookIndex(closer, "brute")
-    labels, _ = bounds.assign(index, X)
-    assert labels[0] == 3
-    assert_array_equal(labels, index.nearest(X)[0])
+    assert assign_as_a_full_search(bounds, closer, X)[0] == 3
 
 
 def test_lloyd_bounds_search_again_after_duplicate_codes():
