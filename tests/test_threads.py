@@ -169,12 +169,17 @@ def assign_as_a_full_search(bounds, codes, X):
     return labels
 
 
+def bounded_rows(dtype, rng):
+    """5,000 rows of 5 features, 30 codes drawn from them, fresh bounds."""
+    X = data(5000, n_features=5).astype(dtype)
+    codes = X[rng.choice(5000, 30, replace=False)].astype(dtype)
+    return X, codes, LloydBounds(5, dtype)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_lloyd_bounds_give_the_labels_of_a_full_search(dtype):
     rng = np.random.RandomState(0)
-    X = data(5000, n_features=5).astype(dtype)
-    codes = X[rng.choice(5000, 30, replace=False)].astype(dtype)
-    bounds = LloydBounds(5, dtype)
+    X, codes, bounds = bounded_rows(dtype, rng)
     n_searched = []
     for step in range(8):
         assign_as_a_full_search(bounds, codes, X)
@@ -195,9 +200,7 @@ def test_lloyd_bounds_follow_codes_that_jump_across_the_rows(dtype):
     # A relocation: code 3 jumps onto rows that others serve, code 7 onto
     # code 3's old place (its rows go to 7), the others move a little.
     rng = np.random.RandomState(1)
-    X = data(5000, n_features=5).astype(dtype)
-    codes = X[rng.choice(5000, 30, replace=False)].astype(dtype)
-    bounds = LloydBounds(5, dtype)
+    X, codes, bounds = bounded_rows(dtype, rng)
     bounds.assign(CodebookIndex(codes, "brute"), X)
     moved = codes + rng.normal(scale=1e-3, size=codes.shape).astype(dtype)
     moved[3], moved[7] = X[10], codes[3]
@@ -211,10 +214,8 @@ def test_lloyd_bounds_follow_codes_that_jump_across_the_rows(dtype):
 def test_lloyd_bounds_remember_a_code_that_jumped_next_to_a_row():
     # Code 3 jumps to just beyond row 0, mirrored through it from the row's
     # own code; a step later it moves 0.02 closer and takes the row, while
-    # the others move a little (so that its move is not set apart again).
-    X = data(5000, n_features=5).astype(np.float64)
-    codes = X[np.random.RandomState(1).choice(5000, 30, replace=False)]
-    bounds = LloydBounds(5, np.float64)
+    # the others move a little.
+    X, codes, bounds = bounded_rows(np.float64, np.random.RandomState(1))
     labels, _ = bounds.assign(CodebookIndex(codes, "brute"), X)
     own = codes[labels[0]]
     away = (X[0] - own) / np.linalg.norm(X[0] - own)
