@@ -11,6 +11,7 @@ lets the estimators work on data of any magnitude in internal units.
 
 import threading
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from scipy import sparse
@@ -400,9 +401,13 @@ def _chunk_sums(X, labels, sample_weight, n_codes):
 
 
 _ASSIGNMENT = threading.local()
-# Shapes of assignment matrices a thread keeps (a fit uses one or two: its
-# chunks and their remainder; a stream its batch size).
+# Shapes of assignment matrices a thread keeps (a fit uses one or two a
+# stage: its chunks and their remainder; a stream its batch size).
 _ASSIGNMENT_SHAPES = 4
+# Batches of at most this many rows reuse their assignment matrix (16 bytes
+# a row: at most 1 MiB a thread); larger chunks build one for each call,
+# SciPy's checks a few per cent of their product.
+_REUSED_ASSIGNMENT_ROWS = 2**14
 
 
 def _assignment_matrix(labels, sample_weight, n_codes):
@@ -411,13 +416,23 @@ def _assignment_matrix(labels, sample_weight, n_codes):
     scatters the weighted rows onto their codes in one pass, in sample
     order, with no sort.
 
-    Each thread keeps one such matrix per shape and overwrites its entries
-    in place: the structure (one entry a column, so its indices are sorted
-    and canonical whatever the labels) never changes, and building a new
-    matrix costs SciPy's checks (about 7 us, as much as the product of a
-    256-row batch), fresh index arrays page-fault besides.
+    For a small batch, each thread keeps one such matrix per shape and
+    overwrites its entries in place: the structure (one entry a column, so
+    its indices are sorted and canonical whatever the labels) never
+    changes, and building a new matrix costs SciPy's checks (about 7 us, as
+    much as the product of a 256-row batch).  A large chunk's index arrays
+    are int32 views of reused buffers (fresh ones would page-fault every
+    call).
     """
     n_samples = labels.shape[0]
+    if n_samples > _REUSED_ASSIGNMENT_ROWS:
+        indices = scratch("statistics-indices", (1, n_samples), np.int32)[0]
+        indices[:] = labels
+        return sparse.csc_matrix(
+            (sample_weight, indices, _column_starts(n_samples)),
+            shape=(n_codes, n_samples),
+            copy=False,
+        )
     matrices = _ASSIGNMENT.__dict__.setdefault("matrices", {})
     assign = matrices.get((n_codes, n_samples))
     if assign is None:
@@ -434,6 +449,14 @@ def _assignment_matrix(labels, sample_weight, n_codes):
     assign.indices[:] = labels
     assign.data[:] = sample_weight
     return assign
+
+
+@lru_cache(maxsize=4)
+def _column_starts(n_samples):
+    """``0, 1, ..., n_samples`` as int32 (one row per column)."""
+    starts = np.arange(n_samples + 1, dtype=np.int32)
+    starts.setflags(write=False)
+    return starts
 
 
 @dataclass(frozen=True)

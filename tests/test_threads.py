@@ -125,10 +125,14 @@ def test_statistics_in_many_chunks_do_not_depend_on_the_threads(monkeypatch):
     np.testing.assert_allclose(one[1], expected, rtol=1e-12)
 
 
-def test_statistics_of_batches_of_one_shape_are_their_own():
-    # The assignment matrix of a batch shape is reused: each call must see
-    # only its own labels and weights, in the calling thread and in others.
+@pytest.mark.parametrize("reused_rows", [2**14, 100])
+def test_statistics_of_batches_of_one_shape_are_their_own(monkeypatch, reused_rows):
+    # The assignment matrix of a small batch's shape is reused (of a large
+    # one, its index buffer): each call must see only its own labels and
+    # weights, in the calling thread and in others.
     import skvq._kernels as kernels
+
+    monkeypatch.setattr(kernels, "_REUSED_ASSIGNMENT_ROWS", reused_rows)
 
     rng = np.random.RandomState(0)
     batches = [
