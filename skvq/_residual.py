@@ -218,9 +218,8 @@ def _extend(paths, residual, index, beam_size):
             paths = np.concatenate([paths, found[:, None, None]], axis=2)
             return paths, residual, _GREEDY
         codes = found[:, None]
-        sq = np.einsum(
-            "ij,ij->i", flat - _vectors(index)[found], flat - _vectors(index)[found]
-        )[:, None]
+        diff = flat - _vectors(index)[found]
+        sq = np.einsum("ij,ij->i", diff, diff)[:, None]
     else:
         # One code more than a path can contribute: where the k-th and the
         # next code of a path tie within the search's error bound and the
